@@ -387,5 +387,11 @@ def load_meds(
         root,
     )
     return MedsDataset(
-        root=root, events=events, splits=splits, codes=codes, metadata=metadata, data_hash=data_hash, files=files
+        root=root,
+        events=events,
+        splits=splits,
+        codes=codes,
+        metadata=metadata,
+        data_hash=data_hash,
+        files=files,
     )

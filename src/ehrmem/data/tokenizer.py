@@ -109,8 +109,11 @@ class EventTokenizer:
         code_counts: dict[str, int] | None = None,
     ) -> None:
         if list(vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
-            raise InputError("The vocabulary must start with the special tokens.", value=vocab[:4],
-                             expected=str(list(SPECIAL_TOKENS)))
+            raise InputError(
+                "The vocabulary must start with the special tokens.",
+                value=vocab[:4],
+                expected=str(list(SPECIAL_TOKENS)),
+            )
         if len(set(vocab)) != len(vocab):
             dup = [t for t in vocab if vocab.count(t) > 1][:3]
             raise InputError("The vocabulary repeats tokens.", value=dup, expected="unique tokens")
@@ -146,7 +149,9 @@ class EventTokenizer:
         if n_value_bins < 2:
             raise InputError("n_value_bins must be at least 2.", value=n_value_bins, expected=">= 2")
         if min_code_subjects < 1:
-            raise InputError("min_code_subjects must be at least 1.", value=min_code_subjects, expected=">= 1")
+            raise InputError(
+                "min_code_subjects must be at least 1.", value=min_code_subjects, expected=">= 1"
+            )
         per_code = (
             events.group_by(CODE)
             .agg(pl.col(SUBJECT_ID).n_unique().alias("n_subjects"), pl.len().alias("count"))
@@ -159,8 +164,12 @@ class EventTokenizer:
         vocab += [f"VALUE//Q{k}" for k in range(1, n_value_bins + 1)]
         clash = set(codes) & set(vocab)
         if clash:
-            raise InputError("Data codes collide with ehrmem's reserved token names.", column=CODE,
-                             value=sorted(clash)[:3], expected="codes other than [PAD]/[BOS]/TIME//.../VALUE//Q..")
+            raise InputError(
+                "Data codes collide with ehrmem's reserved token names.",
+                column=CODE,
+                value=sorted(clash)[:3],
+                expected="codes other than [PAD]/[BOS]/TIME//.../VALUE//Q..",
+            )
         vocab += codes
         kept = set(codes)
         valued = events.filter(pl.col(NUMERIC_VALUE).is_not_null() & pl.col(CODE).is_in(list(kept)))
@@ -212,7 +221,9 @@ class EventTokenizer:
         code_id = df["_id"].to_numpy().astype(np.int64)
         gaps = df["_gap"].to_numpy()
         has_gap = (ev > 0) & np.nan_to_num(gaps, nan=0.0).__gt__(0)
-        gap_id = np.where(has_gap, self._time_ids[np.searchsorted(self._time_uppers, np.nan_to_num(gaps))], -1)
+        gap_id = np.where(
+            has_gap, self._time_ids[np.searchsorted(self._time_uppers, np.nan_to_num(gaps))], -1
+        )
         value_id = self._value_tokens(df[CODE], df[NUMERIC_VALUE], code_id)
         # Interleave (gap, code, value) per event and drop the empty slots.
         stacked = np.stack([gap_id, code_id, value_id], axis=1).reshape(-1)
@@ -262,7 +273,9 @@ class EventTokenizer:
         elapsed = 0.0
         for t in np.asarray(ids).tolist():
             if t < 0 or t >= len(self.vocab):
-                raise InputError("Token id outside the vocabulary.", value=t, expected=f"0..{len(self.vocab) - 1}")
+                raise InputError(
+                    "Token id outside the vocabulary.", value=t, expected=f"0..{len(self.vocab) - 1}"
+                )
             kind = self.token_kind[t]
             if kind == 2:
                 elapsed += float(self.token_seconds[t])
@@ -313,22 +326,38 @@ class EventTokenizer:
         vfp, tfp = d / VOCAB_FILE, d / TOKENIZER_FILE
         for fp in (vfp, tfp):
             if not fp.exists():
-                raise InputError("The tokenizer files are missing from the model directory.", file=fp,
-                                 expected=f"{VOCAB_FILE} and {TOKENIZER_FILE} as written by `ehrmem train`")
+                raise InputError(
+                    "The tokenizer files are missing from the model directory.",
+                    file=fp,
+                    expected=f"{VOCAB_FILE} and {TOKENIZER_FILE} as written by `ehrmem train`",
+                )
         table = pl.read_parquet(vfp)
         for col in (CODE, VOCAB_INDEX):
             if col not in table.columns:
-                raise InputError("The vocabulary table lacks a column.", file=vfp, column=col,
-                                 expected=f"columns {CODE!r} and {VOCAB_INDEX!r}")
+                raise InputError(
+                    "The vocabulary table lacks a column.",
+                    file=vfp,
+                    column=col,
+                    expected=f"columns {CODE!r} and {VOCAB_INDEX!r}",
+                )
         table = table.sort(VOCAB_INDEX)
         idx = table[VOCAB_INDEX].to_numpy()
         if not np.array_equal(idx, np.arange(len(idx))):
-            raise InputError("Vocabulary indices must be 0..n-1 without gaps or repeats.", file=vfp,
-                             column=VOCAB_INDEX, value=idx[:10].tolist(), expected="0, 1, 2, ...")
+            raise InputError(
+                "Vocabulary indices must be 0..n-1 without gaps or repeats.",
+                file=vfp,
+                column=VOCAB_INDEX,
+                value=idx[:10].tolist(),
+                expected="0, 1, 2, ...",
+            )
         cfg = json.loads(tfp.read_text())
         counts = {}
         if "n_train_subjects" in table.columns:
-            counts = {c: int(n) for c, n in zip(table[CODE], table["n_train_subjects"], strict=True) if n is not None}
+            counts = {
+                c: int(n)
+                for c, n in zip(table[CODE], table["n_train_subjects"], strict=True)
+                if n is not None
+            }
         return cls(
             table[CODE].to_list(),
             cfg["value_bins"],

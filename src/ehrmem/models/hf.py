@@ -34,8 +34,10 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def trajectory_seed(seed: int, trajectory: int) -> int:
     """A 63-bit seed for one trajectory of one prompt, independent of batching."""
-    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), int(trajectory)]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([int(seed) & (2**63 - 1), int(trajectory)]).generate_state(2, np.uint64)[0]
+        >> np.uint64(1)
+    )
 
 
 class _SeededSampler(LogitsProcessor):
@@ -105,8 +107,11 @@ class HFCausalLM:
         """Load a HuggingFace model directory; refuse pickled weights unless ``allow_pickle``."""
         d = Path(model_dir)
         if not (d / "config.json").exists():
-            raise InputError("Not a HuggingFace model directory: config.json is missing.", file=d / "config.json",
-                             expected="a directory written by save_pretrained (config.json + *.safetensors)")
+            raise InputError(
+                "Not a HuggingFace model directory: config.json is missing.",
+                file=d / "config.json",
+                expected="a directory written by save_pretrained (config.json + *.safetensors)",
+            )
         safes = list(d.glob("*.safetensors"))
         pickles = [p for p in d.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if not safes and not allow_pickle:
@@ -136,17 +141,25 @@ class HFCausalLM:
     def _check_ids(self, sequences: Sequence[np.ndarray]) -> None:
         for i, s in enumerate(sequences):
             if len(s) == 0:
-                raise InputError("Cannot process an empty token sequence.", value=f"sequence {i}",
-                                 expected="at least one token")
+                raise InputError(
+                    "Cannot process an empty token sequence.",
+                    value=f"sequence {i}",
+                    expected="at least one token",
+                )
             hi, lo = int(np.max(s)), int(np.min(s))
             if hi >= self._vocab_size or lo < 0:
                 # Failure kind 13: an id past the embedding table would silently index garbage on some devices.
-                raise InputError("Token id outside the model's vocabulary.", value=f"sequence {i}: id {hi if hi >= 0 else lo}",
-                                 expected=f"0 <= id < {self._vocab_size} (the model's vocab_size)")
+                raise InputError(
+                    "Token id outside the model's vocabulary.",
+                    value=f"sequence {i}: id {hi if hi >= 0 else lo}",
+                    expected=f"0 <= id < {self._vocab_size} (the model's vocab_size)",
+                )
             if len(s) > self._context_length:
-                raise InputError("Sequence longer than the model's context window.",
-                                 value=f"sequence {i}: {len(s)} tokens",
-                                 expected=f"at most {self._context_length} tokens; truncate before scoring")
+                raise InputError(
+                    "Sequence longer than the model's context window.",
+                    value=f"sequence {i}: {len(s)} tokens",
+                    expected=f"at most {self._context_length} tokens; truncate before scoring",
+                )
 
     def _batches(self, sequences: Sequence[np.ndarray], batch_size: int):
         if batch_size < 1:
@@ -182,7 +195,9 @@ class HFCausalLM:
             tok, mean, std = tok.cpu().numpy(), mean.cpu().numpy(), std.cpu().numpy()
             for r, i in enumerate(idx):
                 n = int(lengths[r]) - 1
-                out[i] = TokenScores(logprob=tok[r, :n].copy(), mean=mean[r, :n].copy(), std=std[r, :n].copy())
+                out[i] = TokenScores(
+                    logprob=tok[r, :n].copy(), mean=mean[r, :n].copy(), std=std[r, :n].copy()
+                )
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -194,7 +209,9 @@ class HFCausalLM:
         self._check_ids(sequences)
         out: np.ndarray | None = None
         for idx, ids, mask in self._batches(sequences, batch_size):
-            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[
+                -1
+            ]
             hidden = hidden.float()
             if pooling == "mean":
                 m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -222,27 +239,46 @@ class HFCausalLM:
         stop_token: int | None = None,
     ) -> list[list[np.ndarray]]:
         if temperature < 0 or not np.isfinite(temperature):
-            raise InputError("temperature must be >= 0 (0 means greedy decoding).", value=temperature,
-                             expected="a finite number >= 0")
+            raise InputError(
+                "temperature must be >= 0 (0 means greedy decoding).",
+                value=temperature,
+                expected="a finite number >= 0",
+            )
         if not 0 < top_p <= 1:
             raise InputError("top_p must be in (0, 1].", value=top_p, expected="0 < top_p <= 1")
         if n_samples < 1 or max_new_tokens < 1:
-            raise InputError("n_samples and max_new_tokens must be positive.",
-                             value=(n_samples, max_new_tokens), expected=">= 1 each")
+            raise InputError(
+                "n_samples and max_new_tokens must be positive.",
+                value=(n_samples, max_new_tokens),
+                expected=">= 1 each",
+            )
         if len(seeds) != len(prompts):
-            raise InputError("One seed per prompt is required.", value=f"{len(seeds)} seeds, {len(prompts)} prompts",
-                             expected="equal counts")
+            raise InputError(
+                "One seed per prompt is required.",
+                value=f"{len(seeds)} seeds, {len(prompts)} prompts",
+                expected="equal counts",
+            )
         self._check_ids(prompts)
         for i, p in enumerate(prompts):
             if len(p) + max_new_tokens > self._context_length:
-                raise InputError("Prompt plus horizon exceed the context window.",
-                                 value=f"prompt {i}: {len(p)} + {max_new_tokens}",
-                                 expected=f"<= {self._context_length}; truncate the prompt first")
+                raise InputError(
+                    "Prompt plus horizon exceed the context window.",
+                    value=f"prompt {i}: {len(p)} + {max_new_tokens}",
+                    expected=f"<= {self._context_length}; truncate the prompt first",
+                )
         rows = [(i, j) for i in range(len(prompts)) for j in range(n_samples)]
         results: list[list[np.ndarray]] = [[np.zeros(0, dtype=np.int64)] * n_samples for _ in prompts]
+        # generate() fills a None eos_token_id from the model's generation_config, so that rows would stop at
+        # the model's EOS (and be padded when batched) although the caller asked for no stop token; an empty
+        # list means "never stop early".
         gen_cfg = GenerationConfig(
-            do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
-            pad_token_id=self.pad_id, eos_token_id=stop_token, bos_token_id=None,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            pad_token_id=self.pad_id,
+            bos_token_id=None,
+            eos_token_id=[] if stop_token is None else stop_token,
         )
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -281,8 +317,10 @@ class HFCausalLM:
         ours = -float(self.token_scores([sequence])[0].logprob.mean())
         diff = abs(own - ours)
         if diff > atol:
-            raise ModelError(f"Per-token log-probabilities disagree with the model's own loss: {ours:.6f} vs "
-                             f"{own:.6f}. The token shift is wrong for this architecture.")
+            raise ModelError(
+                f"Per-token log-probabilities disagree with the model's own loss: {ours:.6f} vs "
+                f"{own:.6f}. The token shift is wrong for this architecture."
+            )
         return diff
 
 
@@ -297,7 +335,10 @@ def check_batch_invariance(
     if what == "scores":
         batched = model.token_scores(seqs, batch_size=batch_size)
         single = [model.token_scores([s], batch_size=1)[0] for s in seqs]
-        diff = max(float(np.max(np.abs(b.logprob - s.logprob), initial=0.0)) for b, s in zip(batched, single, strict=True))
+        diff = max(
+            float(np.max(np.abs(b.logprob - s.logprob), initial=0.0))
+            for b, s in zip(batched, single, strict=True)
+        )
     else:
         b = model.embed(seqs, batch_size=batch_size)
         s = np.concatenate([model.embed([x], batch_size=1) for x in seqs])

@@ -114,6 +114,7 @@ def train_reference_model(
     extra_sequences: Sequence[tuple[str, np.ndarray]] = (),
     extra_manifest: dict | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    tokenizer: EventTokenizer | None = None,
 ) -> Path:
     """Train the reference model on ``cfg.splits`` of ``dataset`` and write it to ``out_dir``.
 
@@ -126,6 +127,9 @@ def train_reference_model(
         Extra entries recorded in the training manifest.
     progress
         Called as ``progress(step, total_steps, loss)``.
+    tokenizer
+        A tokenizer already fitted on the training split (e.g. the one canaries were built with); by
+        default one is fitted here.
 
     Returns
     -------
@@ -144,7 +148,7 @@ def train_reference_model(
                              value=split, expected="a split with at least one subject")
         subjects += ids
     train_events = dataset.events.filter(pl.col(SUBJECT_ID).is_in(subjects))
-    tokenizer = EventTokenizer.fit(
+    tokenizer = tokenizer or EventTokenizer.fit(
         train_events, n_value_bins=cfg.n_value_bins, min_code_subjects=cfg.min_code_subjects
     )
     encoded = tokenizer.encode(train_events, max_events=cfg.max_events)
@@ -195,11 +199,12 @@ def train_reference_model(
             opt.step()
             sched.step()
             n_tok = int((labels[:, 1:] != -100).sum())
-            epoch_loss += float(loss) * n_tok
+            loss_value = loss.detach().item()
+            epoch_loss += loss_value * n_tok
             epoch_tokens += n_tok
             step += 1
             if progress is not None:
-                progress(step, total, float(loss))
+                progress(step, total, loss_value)
         history.append(epoch_loss / max(1, epoch_tokens))
         logger.debug("epoch %d loss %.4f", _epoch + 1, history[-1])
     model.eval()

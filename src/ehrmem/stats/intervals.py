@@ -342,7 +342,7 @@ def normalized_risk_ci(
             f"every control attack succeeded ({k_control}/{n_control}): the attack cannot be told apart "
             "from chance on this control, normalized risk undefined"
         )
-        logger.warning("normalized risk undefined: %s", out["reason"])
+        logger.debug("normalized risk undefined: %s", out["reason"])
         return out
 
     rng = np.random.default_rng(seed)

@@ -419,7 +419,7 @@ def auc_summary(
         "advantage": None,
     }
     if out["reason"] is not None:
-        logger.warning("AUC undefined: %s", out["reason"])
+        logger.debug("AUC undefined: %s", out["reason"])
         return out
 
     curve = roc_curve(y, s)
@@ -505,7 +505,7 @@ def tpr_at_fpr(labels: ArrayLike, scores: ArrayLike, target_fpr: float) -> dict[
         )
 
     if out["reason"] is not None:
-        logger.warning("TPR@FPR=%g undefined: %s", target_fpr, out["reason"])
+        logger.debug("TPR@FPR=%g undefined: %s", target_fpr, out["reason"])
         return out
 
     curve = roc_curve(y, s)
@@ -581,7 +581,7 @@ def auprc_summary(
         "n_neg": n_neg,
     }
     if out["reason"] is not None:
-        logger.warning("AUPRC undefined: %s", out["reason"])
+        logger.debug("AUPRC undefined: %s", out["reason"])
         return out
 
     reps = _stratified_bootstrap(y, s, "ap", n_boot, seed)
@@ -650,6 +650,6 @@ def binary_rates(labels: ArrayLike, predictions: ArrayLike) -> dict[str, Any]:
     out["reason"] = "; ".join(reasons) if reasons else None
 
     if reasons:
-        logger.warning("binary rates degraded: %s", out["reason"])
+        logger.debug("binary rates degraded: %s", out["reason"])
 
     return out

@@ -91,7 +91,7 @@ def two_sample_test(
     }
     if n_x < 2 or n_y < 2:
         out["reason"] = f"each sample needs at least 2 values, have n_x={n_x}, n_y={n_y}"
-        logger.warning("two-sample test undefined: %s", out["reason"])
+        logger.debug("two-sample test undefined: %s", out["reason"])
         return out
 
     xs, ys = scores[labels == 1], scores[labels == 0]

@@ -1,0 +1,74 @@
+"""The audit configuration: one pydantic model, each test's settings defined beside the test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ehrmem.audits.membership import MembershipConfig
+from ehrmem.errors import InputError
+
+Profile = Literal["quick", "thorough"]
+
+
+class AuditConfig(BaseModel):
+    """Everything that determines an audit's result. Hashed into the provenance of every report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: Profile = "quick"
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    device: str | None = None
+    membership: Literal["auto", "manifest", "splits"] = "auto"
+    member_splits: list[str] = Field(default_factory=lambda: ["train"])
+    nonmember_splits: list[str] = Field(default_factory=lambda: ["tuning", "held_out"])
+    match_length: bool = True
+    max_match_ratio: int | None = Field(None, ge=1)
+    value_column: str = "numeric_value"
+    split_source: Literal["file", "directories", "none"] = "file"
+    allow_pickle: bool = False
+    check_sample: int = Field(4, ge=0, description="sequences checked batched vs single (failure kinds 8, 9)")
+    T4: MembershipConfig = Field(default_factory=MembershipConfig)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[
+            :16
+        ]
+
+
+def load_config(path: str | Path | None = None, **overrides) -> AuditConfig:
+    """Read an audit configuration (YAML or JSON), apply overrides, and validate it."""
+    data: dict = {}
+    if path is not None:
+        fp = Path(path)
+        if not fp.exists():
+            raise InputError("The configuration file does not exist.", file=fp)
+        try:
+            data = yaml.safe_load(fp.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError("The configuration file is not valid YAML/JSON.", file=fp, value=str(e)) from e
+        if not isinstance(data, dict):
+            raise InputError(
+                "The configuration must be a mapping.",
+                file=fp,
+                value=type(data).__name__,
+                expected="a YAML mapping of settings",
+            )
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AuditConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InputError(
+            f"Invalid audit configuration ({len(e.errors())} error(s)): {first['msg']}.",
+            file=path,
+            column=".".join(str(p) for p in first["loc"]),
+            value=first.get("input"),
+            expected="see `ehrmem audit --help` and the README's configuration section",
+        ) from e
