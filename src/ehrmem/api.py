@@ -19,6 +19,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ import numpy as np
 import polars as pl
 
 from ehrmem._version import __version__
-from ehrmem.audits.base import AuditContext, Progress, TestResult, no_progress, skipped
+from ehrmem.audits.base import Audit, AuditContext, Progress, TestResult, no_progress, skipped
 from ehrmem.audits.membership import MembershipAudit
+from ehrmem.audits.reconstruction import ReconstructionAudit
+from ehrmem.audits.sensitive import SensitiveAudit
 from ehrmem.config import AuditConfig
 from ehrmem.data.cohort import build_cohort
 from ehrmem.data.meds import SUBJECT_ID, load_meds
@@ -219,24 +222,30 @@ def run_audit(
     stages = out / ".stages"
     stages.mkdir(exist_ok=True)
     results: dict[str, TestResult] = {}
+    builders = _builders(cfg)
     for test_id in TEST_IDS:
-        if test_id == "T4" and cfg.T4.enabled:
-            key = hashlib.sha256(
-                f"{__version__}|{dataset.data_hash}|{model_hash}|{cfg.digest()}|{test_id}".encode()
-            ).hexdigest()
-            cached = _load_stage(stages / test_id, key) if resume else None
-            if cached is not None:
-                logger.info("%s: reusing the finished stage in %s", test_id, stages / test_id)
-                results[test_id] = cached
-            else:
-                logger.info("%s %s", test_id, TEST_TITLES[test_id])
-                results[test_id] = MembershipAudit(context, cfg.T4).run().result
-                _save_stage(stages / test_id, key, results[test_id])
-            context.previous[test_id] = results[test_id]
-        elif test_id == "T4":
-            results[test_id] = skipped(test_id, TEST_TITLES[test_id], "disabled in the configuration")
-        else:
+        entry = builders.get(test_id)
+        if entry is None:
             results[test_id] = skipped(test_id, TEST_TITLES[test_id], NOT_BUILT.format(version=__version__))
+            continue
+        enabled, build = entry
+        if not enabled:
+            results[test_id] = skipped(test_id, TEST_TITLES[test_id], "disabled in the configuration")
+            continue
+        key = hashlib.sha256(
+            f"{__version__}|{dataset.data_hash}|{model_hash}|{cfg.digest()}|{test_id}".encode()
+        ).hexdigest()
+        cached = _load_stage(stages / test_id, key) if resume else None
+        if cached is not None:
+            logger.info("%s: reusing the finished stage in %s", test_id, stages / test_id)
+            results[test_id] = cached
+        else:
+            logger.info("%s %s", test_id, TEST_TITLES[test_id])
+            t_start = time.perf_counter()
+            results[test_id] = build(context).run().result
+            results[test_id].section["elapsed_seconds"] = round(time.perf_counter() - t_start, 2)
+            _save_stage(stages / test_id, key, results[test_id])
+        context.previous[test_id] = results[test_id]
 
     for r in results.values():
         for name, table in r.tables.items():
@@ -273,6 +282,15 @@ def run_audit(
     write_html(report, out)
     logger.info("Report written to %s", out / "report.html")
     return report
+
+
+def _builders(cfg: AuditConfig) -> dict[str, tuple[bool, Callable[[AuditContext], Audit]]]:
+    """The tests this version runs, in order, with whether the configuration enables each."""
+    return {
+        "T1": (cfg.T1.enabled, lambda ctx: ReconstructionAudit(ctx, cfg.T1, cfg.sampling)),
+        "T2": (cfg.T2.enabled, lambda ctx: SensitiveAudit(ctx, cfg.T2, cfg.sampling)),
+        "T4": (cfg.T4.enabled, lambda ctx: MembershipAudit(ctx, cfg.T4)),
+    }
 
 
 def _consistency_checks(context: AuditContext, audited_ids: list[int], cfg: AuditConfig) -> dict[str, Any]:

@@ -10,10 +10,27 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ehrmem.audits.generation import SamplingConfig
 from ehrmem.audits.membership import MembershipConfig
+from ehrmem.audits.reconstruction import ReconstructionConfig
+from ehrmem.audits.sensitive import SensitiveConfig
 from ehrmem.errors import InputError
 
 Profile = Literal["quick", "thorough"]
+
+# What each profile changes from the defaults (the defaults are the quick profile). Settings given
+# explicitly in a file or on the command line win over the profile.
+PROFILES: dict[str, dict] = {
+    "quick": {},
+    "thorough": {"sampling": {"n_samples": 100, "horizon_events": 50, "population_samples": 500}},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 class AuditConfig(BaseModel):
@@ -34,12 +51,13 @@ class AuditConfig(BaseModel):
     split_source: Literal["file", "directories", "none"] = "file"
     allow_pickle: bool = False
     check_sample: int = Field(4, ge=0, description="sequences checked batched vs single (failure kinds 8, 9)")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    T1: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
+    T2: SensitiveConfig = Field(default_factory=SensitiveConfig)
     T4: MembershipConfig = Field(default_factory=MembershipConfig)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[
-            :16
-        ]
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path | None = None, **overrides) -> AuditConfig:
@@ -61,6 +79,12 @@ def load_config(path: str | Path | None = None, **overrides) -> AuditConfig:
                 expected="a YAML mapping of settings",
             )
     data.update({k: v for k, v in overrides.items() if v is not None})
+    profile = data.get("profile", "quick")
+    if profile not in PROFILES:
+        raise InputError(
+            "Unknown profile.", file=path, column="profile", value=profile, expected=f"one of {list(PROFILES)}"
+        )
+    data = _merge(PROFILES[profile], data)
     try:
         return AuditConfig.model_validate(data)
     except ValidationError as e:

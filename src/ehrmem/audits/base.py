@@ -51,6 +51,9 @@ class AuditContext:
     progress: Progress = no_progress
     # Results of earlier tests in this run, by test id (for T5/T6, which build on T1, T2 and T4).
     previous: dict[str, TestResult] = field(default_factory=dict)
+    # Sampled continuations keyed by (purpose, subject, tier, prompt digest, decoding settings), so tests
+    # asking for the same prompt under the same settings share one generation.
+    sample_cache: dict[tuple, list] = field(default_factory=dict)
 
 
 @dataclass

@@ -459,20 +459,20 @@ class CodeHierarchy:
         cached = self._paths.get(code)
         if cached is not None:
             return cached
-        icd = parse_icd(code)
-        if icd is not None:
-            path = icd_path(icd)
-        else:
-            path = None
-            for parent in sorted(self.parent_codes.get(code, ())):
-                parent_icd = parse_icd(parent)
-                if parent_icd is not None:
-                    path = (*icd_path(parent_icd), code)
-                    break
-            if path is None:
-                path = _parts_path(code)
+        path = self._compute_path(code)
         self._paths[code] = path
         return path
+
+    def _compute_path(self, code: str) -> tuple[str, ...]:
+        icd = parse_icd(code)
+        if icd is not None:
+            return icd_path(icd)
+        # Not ICD itself: under its first ICD parent (sorted, so the choice is reproducible), if any.
+        for parent in sorted(self.parent_codes.get(code, ())):
+            parent_icd = parse_icd(parent)
+            if parent_icd is not None:
+                return (*icd_path(parent_icd), code)
+        return _parts_path(code)
 
     def depth(self, code: str) -> int:
         """Number of levels on the path of ``code`` (the root has depth 1)."""
@@ -648,36 +648,80 @@ def code_distance_matrix(
 
     Notes
     -----
-    Vectorised: the hierarchy distance compares the node-id matrices level by level (one
-    ``(n_a, n_b)`` comparison per level), so the cost is ``O(n_a n_b max_depth)`` numpy work and no
-    Python loop over pairs.
+    Vectorised: with both sides sorted by path, the codes under one hierarchy node are a contiguous
+    block, so the lowest-common-ancestor depths are filled one rectangular block per shared node, and
+    the distances come from one table lookup over the whole matrix. There is no Python loop over code
+    pairs; memory is one int16 and one float matrix of ``(n_a, n_b)``.
     """
     _check_kind(kind)
     a, b = [str(c) for c in codes_a], [str(c) for c in codes_b]
+    h = hierarchy or _default_hierarchy()
+    if kind == "hierarchy":
+        return _hierarchy_matrix(h, a, b).astype(dtype, copy=False)
+
     uid: dict[str, int] = {}
     ia = np.fromiter((uid.setdefault(c, len(uid)) for c in a), dtype=np.int64, count=len(a))
     ib = np.fromiter((uid.setdefault(c, len(uid)) for c in b), dtype=np.int64, count=len(b))
     same = ia[:, None] == ib[None, :]
     if kind == "exact":
         return (~same).astype(dtype)
-
-    h = hierarchy or _default_hierarchy()
-    if kind == "hierarchy":
-        ids, depths = h.node_ids(a + b)
-        ids_a, ids_b = ids[: len(a)], ids[len(a) :]
-        lca = np.zeros((len(a), len(b)), dtype=np.int16)
-        for k in range(ids.shape[1]):
-            col_a, col_b = ids_a[:, k], ids_b[:, k]
-            # Padding (-1) never matches: it is replaced by distinct negative sentinels on each side.
-            lca += (np.where(col_a < 0, -1, col_a)[:, None] == np.where(col_b < 0, -2, col_b)[None, :])
-        total = depths[: len(a), None] + depths[None, len(a) :]
-        out = 1.0 - 2.0 * lca / total
-    else:
-        desc = {**h.descriptions, **(descriptions or {})}
-        emb = embed_codes(list(uid), desc, embedder)  # one embedding per distinct code, in uid order
-        out = np.clip(1.0 - emb[ia] @ emb[ib].T, 0.0, 1.0)
+    desc = {**h.descriptions, **(descriptions or {})}
+    emb = embed_codes(list(uid), desc, embedder)  # one embedding per distinct code, in uid order
+    out = np.clip(1.0 - emb[ia] @ emb[ib].T, 0.0, 1.0)
     out[same] = 0.0
-    return np.asarray(out, dtype=dtype)
+    return out.astype(dtype, copy=False)
+
+
+def _runs(column: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Values, starts and ends of the runs of equal values in a sorted column, padding (-1) dropped."""
+    if column.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
+    ends = np.r_[starts[1:], column.size]
+    values = column[starts]
+    keep = values >= 0
+    return values[keep], starts[keep], ends[keep]
+
+
+def _hierarchy_matrix(h: CodeHierarchy, a: list[str], b: list[str]) -> np.ndarray:
+    """Wu-Palmer distances for all pairs, by filling blocks of a lowest-common-ancestor depth matrix.
+
+    Sorting each side by its path makes the codes under any node a contiguous range, so "the codes of A
+    and of B under node v have an LCA at least as deep as v" is one rectangular slice assignment. Going
+    from the root level down, deeper nodes overwrite shallower ones, which leaves the depth of the lowest
+    common ancestor. The work is one slice per node shared by both sides plus a few whole-matrix passes,
+    with no Python loop over code pairs.
+    """
+    ids, depths = h.node_ids(a + b)
+    na, nb = len(a), len(b)
+    if na == 0 or nb == 0:
+        return np.ones((na, nb))
+    ids_a, ids_b = ids[:na], ids[na:]
+    order_a = np.lexsort(ids_a.T[::-1])
+    order_b = np.lexsort(ids_b.T[::-1])
+    sorted_a, sorted_b = ids_a[order_a], ids_b[order_b]
+
+    lca = np.zeros((na, nb), dtype=np.int8)
+    for level in range(ids.shape[1]):
+        va, sa, ea = _runs(sorted_a[:, level])
+        vb, sb, eb = _runs(sorted_b[:, level])
+        _, ka, kb = np.intersect1d(va, vb, assume_unique=True, return_indices=True)
+        for r0, r1, c0, c1 in zip(sa[ka], ea[ka], sb[kb], eb[kb], strict=True):
+            lca[r0:r1, c0:c1] = level + 1
+
+    # Back to the callers' order, then 1 - 2 lca / (d_a + d_b) through a small lookup table.
+    # (In-place int16 arithmetic: large temporaries cost more in page faults than in arithmetic.)
+    key = lca.take(np.argsort(order_a), axis=0).take(np.argsort(order_b), axis=1).astype(np.int16)
+    width = 2 * int(depths.max()) + 1
+    key *= np.int16(width)
+    depth16 = depths.astype(np.int16)
+    key += depth16[:na, None]
+    key += depth16[None, na:]
+    lvl = np.arange(width, dtype=np.float64)[:, None]
+    tot = np.arange(width, dtype=np.float64)[None, :]
+    table = 1.0 - 2.0 * lvl / np.maximum(tot, 1.0)  # rows: lca depth, columns: d_a + d_b (>= 2)
+    return table.ravel().take(key)
 
 
 class CodeDistance:

@@ -151,7 +151,7 @@ class HFCausalLM:
                 # Failure kind 13: an id past the embedding table would silently index garbage on some devices.
                 raise InputError(
                     "Token id outside the model's vocabulary.",
-                    value=f"sequence {i}: id {hi if hi >= 0 else lo}",
+                    value=f"sequence {i}: id {hi if hi >= self._vocab_size else lo}",
                     expected=f"0 <= id < {self._vocab_size} (the model's vocab_size)",
                 )
             if len(s) > self._context_length:
