@@ -33,6 +33,7 @@ def write_meds(
     seed: int = 0,
     events_per_subject: tuple[int, int] = (20, 60),
     splits: dict[str, float] | None = None,
+    codes: list[str] | None = None,
 ) -> Path:
     """Write a small synthetic MEDS dataset (one shard per split, splits file, codes and dataset.json)."""
     rng = np.random.default_rng(seed)
@@ -49,7 +50,7 @@ def write_meds(
         rows[split].append((sid, t - timedelta(days=365 * 60), "MEDS_BIRTH", None))
         for _ in range(int(rng.integers(*events_per_subject))):
             t += timedelta(minutes=int(rng.choice([0, 0, 5, 60, 600, 3000])))
-            code = str(rng.choice(CODES))
+            code = str(rng.choice(codes or CODES))
             value = float(rng.normal(5, 2)) if code.startswith("LAB") else None
             rows[split].append((sid, t, code, value))
     schema = {
@@ -66,7 +67,11 @@ def write_meds(
         root / "metadata" / "subject_splits.parquet"
     )
     pl.DataFrame(
-        {"code": CODES, "description": [c.lower() for c in CODES], "parent_codes": [[] for _ in CODES]}
+        {
+            "code": codes or CODES,
+            "description": [c.lower() for c in codes or CODES],
+            "parent_codes": [[] for _ in codes or CODES],
+        }
     ).write_parquet(root / "metadata" / "codes.parquet")
     (root / "metadata" / "dataset.json").write_text('{"dataset_name": "tiny"}')
     return root

@@ -29,16 +29,22 @@ import polars as pl
 
 from ehrmem._version import __version__
 from ehrmem.audits.base import Audit, AuditContext, Progress, TestResult, no_progress, skipped
+from ehrmem.audits.controls import measure_controls
 from ehrmem.audits.membership import MembershipAudit
+from ehrmem.audits.patients import PatientsAudit
+from ehrmem.audits.perturbation import PerturbationAudit
+from ehrmem.audits.probing import ProbingAudit
 from ehrmem.audits.reconstruction import ReconstructionAudit
 from ehrmem.audits.sensitive import SensitiveAudit
-from ehrmem.config import AuditConfig
+from ehrmem.config import AuditConfig, load_config
+from ehrmem.data.catalogue import load_catalogue
 from ehrmem.data.cohort import build_cohort
 from ehrmem.data.meds import SUBJECT_ID, load_meds
 from ehrmem.data.tokenizer import EventTokenizer
 from ehrmem.errors import InputError, ModelError
 from ehrmem.models.hf import HFCausalLM, check_batch_invariance
 from ehrmem.models.train import read_manifest
+from ehrmem.risk import evaluate_gate, risk_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +145,7 @@ def run_audit(
     from ehrmem.report.build import build_report
     from ehrmem.report.html import write_html
 
-    cfg = config or AuditConfig()
+    cfg = config or load_config()
     t0 = time.perf_counter()
     started = datetime.now(UTC)
     out = Path(out_dir)
@@ -247,6 +253,10 @@ def run_audit(
             _save_stage(stages / test_id, key, results[test_id])
         context.previous[test_id] = results[test_id]
 
+    controls, controls_table = _run_controls(context, cfg, stages, dataset.data_hash, model_hash)
+    if controls_table.height:
+        controls_table.write_parquet(out / "controls_canaries.parquet")
+
     for r in results.values():
         for name, table in r.tables.items():
             table.write_parquet(out / f"{r.test_id}_{name}.parquet")
@@ -277,11 +287,41 @@ def run_audit(
         "versions": _versions(),
         "device": str(model.device),
     }
-    report = build_report(results=results, cohort=cohort, checks=checks, notes=notes, provenance=provenance)
+    report = build_report(
+        results=results, cohort=cohort, checks=checks, notes=notes, provenance=provenance, controls=controls
+    )
+    report["risk"] = risk_matrix(report, load_catalogue(cfg.T2.catalogue, extend=cfg.T2.catalogue_extend or None))
+    report["gate"] = evaluate_gate(report, cfg.gate)
+    report["summary"]["gate"] = {"passed": report["gate"]["passed"], "verdict": report["gate"]["verdict"]}
     _atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json_default))
     write_html(report, out)
     logger.info("Report written to %s", out / "report.html")
     return report
+
+
+def _run_controls(
+    context: AuditContext, cfg: AuditConfig, stages: Path, data_hash: str, model_hash: str
+) -> tuple[dict[str, Any], pl.DataFrame]:
+    """The canary controls, cached like a test stage."""
+    key = hashlib.sha256(f"{__version__}|{data_hash}|{model_hash}|{cfg.digest()}|controls".encode()).hexdigest()
+    stage = stages / "controls"
+    fp, tp = stage / "controls.json", stage / "canaries.parquet"
+    if fp.exists() and tp.exists():
+        payload = json.loads(fp.read_text())
+        if payload.get("key") == key:
+            return payload["section"], pl.read_parquet(tp)
+    logger.info("Controls: canaries and twins")
+    section, table = measure_controls(context, cfg.controls)
+    tmp = stages / f".controls.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    table.write_parquet(tmp / "canaries.parquet")
+    (tmp / "controls.json").write_text(json.dumps({"key": key, "section": section}, default=_json_default))
+    if stage.exists():
+        shutil.rmtree(stage)
+    os.replace(tmp, stage)
+    return section, table
 
 
 def _builders(cfg: AuditConfig) -> dict[str, tuple[bool, Callable[[AuditContext], Audit]]]:
@@ -289,7 +329,10 @@ def _builders(cfg: AuditConfig) -> dict[str, tuple[bool, Callable[[AuditContext]
     return {
         "T1": (cfg.T1.enabled, lambda ctx: ReconstructionAudit(ctx, cfg.T1, cfg.sampling)),
         "T2": (cfg.T2.enabled, lambda ctx: SensitiveAudit(ctx, cfg.T2, cfg.sampling)),
+        "T3": (cfg.T3.enabled, lambda ctx: ProbingAudit(ctx, cfg.T3)),
         "T4": (cfg.T4.enabled, lambda ctx: MembershipAudit(ctx, cfg.T4)),
+        "T5": (cfg.T5.enabled, lambda ctx: PerturbationAudit(ctx, cfg.T5, cfg.sampling)),
+        "T6": (cfg.T6.enabled, lambda ctx: PatientsAudit(ctx, cfg.T6)),
     }
 
 

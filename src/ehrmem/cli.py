@@ -1,7 +1,8 @@
 """The ``ehrmem`` command line: parses arguments, calls the Python API, draws progress, sets up logging.
 
-Exit codes: 0 done; 2 bad input (the message names file, column, value and what was expected);
-3 the model or its numbers cannot be trusted; 1 any other failure.
+Exit codes: 0 done (and, for ``audit`` and ``gate``, the release gate passed); 4 the release gate did not pass
+(verdict ``fail`` or ``underpowered``); 2 bad input (the message names file, column, value and what was
+expected); 3 the model or its numbers cannot be trusted; 1 any other failure.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ logger = logging.getLogger("ehrmem")
 T = TypeVar("T")
 _state = {"quiet": False}
 
-EXIT_INPUT, EXIT_MODEL = 2, 3
+EXIT_INPUT, EXIT_MODEL, EXIT_GATE = 2, 3, 4
 
 
 def _progress(it: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
@@ -219,6 +220,9 @@ def audit(
         bool, typer.Option(help="Drop subjects with non-finite scores instead of failing.")
     ] = False,
     resume: Annotated[bool, typer.Option(help="Reuse finished stages of an interrupted run.")] = True,
+    gate: Annotated[
+        bool, typer.Option(help="Exit with code 4 when the release gate does not pass (--no-gate: report only).")
+    ] = True,
 ) -> None:
     """Audit a model for memorization and write RUN/report.json, RUN/report.html and per-subject tables."""
     from ehrmem.api import run_audit
@@ -253,6 +257,75 @@ def audit(
         _fail(e)
     typer.echo(report["summary"]["headline"])
     typer.echo(f"report: {out / 'report.html'}")
+    _exit_on_gate(report["gate"], enforce=gate)
+
+
+def _exit_on_gate(gate: dict, *, enforce: bool = True) -> None:
+    color = typer.colors.GREEN if gate["passed"] else typer.colors.RED
+    typer.secho(f"release gate: {gate['verdict'].upper()}", fg=color, err=True)
+    for reason in gate["reasons"]:
+        typer.echo(f"  - {reason}", err=True)
+    if enforce and not gate["passed"]:
+        raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
+def gate(
+    run: Annotated[Path, typer.Argument(help="Run directory of a finished audit (holds report.json).")],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file whose `gate:` section (or top level) sets thresholds.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one threshold, e.g. --set max_membership_auc_lower=0.55."),
+    ] = None,
+    write: Annotated[bool, typer.Option(help="Write the result to RUN/gate.json.")] = True,
+) -> None:
+    """Re-evaluate the release gate of a finished run under other thresholds (nothing is re-computed)."""
+    import json
+
+    import yaml
+    from pydantic import ValidationError
+
+    from ehrmem.risk import GateThresholds, evaluate_gate
+
+    try:
+        fp = run / "report.json"
+        if not fp.exists():
+            raise InputError(
+                "No finished audit here (report.json is written last, so the run is missing or incomplete).",
+                file=fp,
+                expected="the run directory of `ehrmem audit`",
+            )
+        report = json.loads(fp.read_text())
+        data: dict = {}
+        if config is not None:
+            if not config.exists():
+                raise InputError("The configuration file does not exist.", file=config)
+            loaded = yaml.safe_load(config.read_text()) or {}
+            data = dict(loaded.get("gate", loaded)) if isinstance(loaded, dict) else {}
+        for item in set_ or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InputError("A threshold override needs a value.", value=item, expected="NAME=VALUE")
+            data[key.strip()] = yaml.safe_load(value)
+        try:
+            thresholds = GateThresholds.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise InputError(
+                f"Invalid gate threshold: {err['msg']}.",
+                file=config,
+                column=".".join(str(p) for p in err["loc"]),
+                value=err.get("input"),
+                expected="a field of GateThresholds (see the README's release gate section)",
+            ) from e
+        result = evaluate_gate(report, thresholds)
+        if write:
+            (run / "gate.json").write_text(json.dumps(result, indent=1))
+    except EhrmemError as e:
+        _fail(e)
+    _exit_on_gate(result)
 
 
 @app.command()
@@ -266,7 +339,7 @@ def demo(
 ) -> None:
     """Run the whole job with no input: demo data, reference model, audit, report."""
     from ehrmem.api import run_audit
-    from ehrmem.config import AuditConfig
+    from ehrmem.config import load_config
     from ehrmem.data.demo import DEMO_ATTRIBUTION, obtain_demo_data
     from ehrmem.models.train import TrainConfig
 
@@ -275,11 +348,12 @@ def demo(
         typer.echo(DEMO_ATTRIBUTION, err=True)
         model_dir = out / "model"
         _train(data, model_dir, TrainConfig(epochs=epochs, seed=seed), "numeric_value", "file", 0, 1)
-        report = run_audit(data, model_dir, out / "run", AuditConfig(seed=seed), progress=_progress)
+        report = run_audit(data, model_dir, out / "run", load_config(seed=seed), progress=_progress)
     except EhrmemError as e:
         _fail(e)
     typer.echo(report["summary"]["headline"])
     typer.echo(f"report: {(out / 'run' / 'report.html').resolve()}")
+    _exit_on_gate(report["gate"], enforce=False)
 
 
 if __name__ == "__main__":

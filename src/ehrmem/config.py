@@ -10,19 +10,27 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ehrmem.audits.controls import ControlsConfig
 from ehrmem.audits.generation import SamplingConfig
 from ehrmem.audits.membership import MembershipConfig
+from ehrmem.audits.patients import PatientsConfig
+from ehrmem.audits.perturbation import PerturbationConfig
+from ehrmem.audits.probing import ProbingConfig
 from ehrmem.audits.reconstruction import ReconstructionConfig
 from ehrmem.audits.sensitive import SensitiveConfig
 from ehrmem.errors import InputError
+from ehrmem.risk.gate import GateThresholds
 
 Profile = Literal["quick", "thorough"]
 
 # What each profile changes from the defaults (the defaults are the quick profile). Settings given
 # explicitly in a file or on the command line win over the profile.
 PROFILES: dict[str, dict] = {
-    "quick": {},
-    "thorough": {"sampling": {"n_samples": 100, "horizon_events": 50, "population_samples": 500}},
+    "quick": {"T4": {"masking": {"repeats": 20}}},
+    "thorough": {
+        "sampling": {"n_samples": 100, "horizon_events": 50, "population_samples": 500},
+        "T4": {"masking": {"repeats": 100}},
+    },
 }
 
 
@@ -54,10 +62,17 @@ class AuditConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     T1: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
     T2: SensitiveConfig = Field(default_factory=SensitiveConfig)
+    T3: ProbingConfig = Field(default_factory=ProbingConfig)
     T4: MembershipConfig = Field(default_factory=MembershipConfig)
+    T5: PerturbationConfig = Field(default_factory=PerturbationConfig)
+    T6: PatientsConfig = Field(default_factory=PatientsConfig)
+    controls: ControlsConfig = Field(default_factory=ControlsConfig)
+    gate: GateThresholds = Field(default_factory=GateThresholds)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """A digest of the settings that change measurements (the gate's thresholds do not: they only judge)."""
+        payload = self.model_dump(mode="json", exclude={"gate"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path | None = None, **overrides) -> AuditConfig:

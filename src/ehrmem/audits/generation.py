@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,31 +102,47 @@ def sample_prompts(
 
     Returns ``{(subject_id, k_events): [token arrays]}``.
     """
+    jobs = [((p.subject_id, p.k_events), p, purpose) for p in prompts]
+    return sample_jobs(context, jobs, cfg, desc=desc)
+
+
+def sample_jobs(
+    context: AuditContext,
+    jobs: Sequence[tuple[Hashable, Prompt, str]],
+    cfg: SamplingConfig,
+    *,
+    desc: str,
+) -> dict[Hashable, list[np.ndarray]]:
+    """:func:`sample_prompts` for prompts that each carry their own key and purpose, batched together.
+
+    ``jobs`` are ``(key, prompt, purpose)``; each prompt's random stream comes from (seed, subject, tier,
+    purpose, trajectory), so several variants of one subject's prompt (T5 perturbations) get distinct,
+    batch-independent streams when their purposes differ. Returns ``{key: [token arrays]}``.
+    """
     eff = cfg.effective()
     n = eff["n_samples"]
     tok = context.tokenizer
     settings = (n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.horizon_events)
 
-    def cache_key(p: Prompt) -> tuple:
+    def cache_key(p: Prompt, purpose: str) -> tuple:
         return (purpose, p.subject_id, p.k_events, hashlib.sha1(p.ids.tobytes()).hexdigest(), settings)
 
-    out: dict[tuple[int, int], list[np.ndarray]] = {}
+    out: dict[Hashable, list[np.ndarray]] = {}
     todo = []
-    for p in prompts:
-        hit = context.sample_cache.get(cache_key(p))
+    for key, p, purpose in jobs:
+        hit = context.sample_cache.get(cache_key(p, purpose))
         if hit is not None:
-            out[(p.subject_id, p.k_events)] = hit
+            out[key] = hit
         else:
-            todo.append(p)
-    prompts = todo
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+            todo.append((key, p, purpose))
+    order = sorted(range(len(todo)), key=lambda i: len(todo[i][1].ids))
     per_call = max(1, cfg.generation_batch_size // n)
     chunks = [order[i : i + per_call] for i in range(0, len(order), per_call)]
     for chunk in context.progress(chunks, desc, len(chunks)):
-        ps = [prompts[i] for i in chunk]
-        seeds = [prompt_seed(context.seed, p.subject_id, p.k_events, purpose) for p in ps]
+        batch = [todo[i] for i in chunk]
+        seeds = [prompt_seed(context.seed, p.subject_id, p.k_events, purpose) for _, p, purpose in batch]
         samples = context.model.sample(
-            [p.ids for p in ps],
+            [p.ids for _, p, _ in batch],
             n_samples=n,
             max_new_tokens=cfg.max_new_tokens,
             seeds=seeds,
@@ -134,10 +150,10 @@ def sample_prompts(
             top_p=cfg.top_p,
             batch_size=cfg.generation_batch_size,
         )
-        for p, s in zip(ps, samples, strict=True):
+        for (key, p, purpose), s in zip(batch, samples, strict=True):
             cut = [horizon_cut(x, tok.token_kind, cfg.horizon_events) for x in s]
-            out[(p.subject_id, p.k_events)] = cut
-            context.sample_cache[cache_key(p)] = cut
+            out[key] = cut
+            context.sample_cache[cache_key(p, purpose)] = cut
     return out
 
 

@@ -25,6 +25,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from ehrmem.audits.base import Audit, AuditContext, TestResult, score_in_chunks
+from ehrmem.audits.masking import MASKING_DESCRIPTION, MaskingConfig, masking_variance_scores
 from ehrmem.data.meds import SUBJECT_ID
 from ehrmem.errors import InputError, NumericalError
 from ehrmem.models.ngram import BigramReference
@@ -39,6 +40,7 @@ ATTACK_DESCRIPTIONS = {
     "min_k_pp": "Min-K%++: lowest {k:.0%} of log-probabilities standardised by the model's next-token distribution",
     "ref_ngram": "log-probability calibrated by a population bigram model fitted on the reference split",
     "ref_model": "log-probability calibrated by a reference model trained on non-member data",
+    "masking": MASKING_DESCRIPTION,
 }
 
 
@@ -60,6 +62,7 @@ class MembershipConfig(BaseModel):
     allow_nonfinite: bool = Field(
         False, description="drop subjects with non-finite scores instead of failing"
     )
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
 
 
 def min_k(logprob: np.ndarray, fraction: float) -> float:
@@ -197,6 +200,28 @@ class MembershipAudit(Audit):
                 sub["member"].to_numpy(), sub["ref_model"].to_numpy(), cfg, ctx.seed
             )
             attacks["ref_model"].update(description=ATTACK_DESCRIPTIONS["ref_model"], reference=info)
+
+        if cfg.masking.enabled:
+            kinds = ctx.tokenizer.token_kind
+            maskable = [i for i, q in enumerate(seqs) if np.any(kinds[np.asarray(q)] != 0)]
+            if len(maskable) < len(seqs):
+                result.warn(
+                    f"{len(seqs) - len(maskable)} subjects have no maskable token and are left out of the "
+                    "masking-variance attack."
+                )
+            mv = masking_variance_scores(ctx, [ids[i] for i in maskable], [seqs[i] for i in maskable], cfg.masking)
+            table = table.join(
+                pl.DataFrame({SUBJECT_ID: [ids[i] for i in maskable], "masking": mv}), on=SUBJECT_ID, how="left"
+            )
+            attacks["masking"] = evaluate_attack(labels[maskable], mv, cfg, ctx.seed)
+            attacks["masking"].update(
+                description=ATTACK_DESCRIPTIONS["masking"].format(
+                    repeats=cfg.masking.repeats, fraction=cfg.masking.mask_fraction
+                ),
+                repeats=cfg.masking.repeats,
+                mask_fraction=cfg.masking.mask_fraction,
+                pooling=cfg.masking.pooling,
+            )
 
         defined = {k: v for k, v in attacks.items() if v["status"] == "ok"}
         best = max(defined, key=lambda k: defined[k]["auc"]) if defined else None

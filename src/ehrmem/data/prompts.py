@@ -68,18 +68,19 @@ class PromptSet:
         }
 
 
-def build_prompt(
+def prompt_tokens(
     enc: EncodedSubject,
     k_events: int,
     *,
     max_prompt_tokens: int,
     policy: TruncationPolicy = "keep_recent",
     cut_event: int | None = None,
-) -> Prompt | None:
-    """The tier-``k_events`` prompt of one subject, or ``None`` when the policy skips it.
+) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """The tokens of a tier-``k_events`` prompt with the event each belongs to, or ``None`` when skipped.
 
-    ``cut_event`` stops the prompt before that timed event (used by T2 so a prompt never contains the
-    codes of the category being tested).
+    Returns ``(ids, event_index, truncated)``: exactly the tokens :func:`build_prompt` puts in the prompt
+    (after the truncation policy), with their :attr:`EncodedSubject.event_index` (-1 for ``[BOS]`` and
+    static codes), so a prompt can be edited event by event (T5 perturbations).
     """
     k = k_events if cut_event is None else min(k_events, cut_event)
     ids = enc.prompt(k)
@@ -100,8 +101,31 @@ def build_prompt(
         if tail_ev.size and (ev == tail_ev[0]).sum() > (tail_ev == tail_ev[0]).sum():
             keep = tail_ev != tail_ev[0]
             tail = tail[keep]
+            tail_ev = tail_ev[keep]
         ids = np.concatenate([ids[:head], tail])
+        ev = np.concatenate([ev[:head], tail_ev])
         truncated = True
+    return ids, ev, truncated
+
+
+def build_prompt(
+    enc: EncodedSubject,
+    k_events: int,
+    *,
+    max_prompt_tokens: int,
+    policy: TruncationPolicy = "keep_recent",
+    cut_event: int | None = None,
+) -> Prompt | None:
+    """The tier-``k_events`` prompt of one subject, or ``None`` when the policy skips it.
+
+    ``cut_event`` stops the prompt before that timed event (used by T2 so a prompt never contains the
+    codes of the category being tested).
+    """
+    k = k_events if cut_event is None else min(k_events, cut_event)
+    out = prompt_tokens(enc, k_events, max_prompt_tokens=max_prompt_tokens, policy=policy, cut_event=cut_event)
+    if out is None:
+        return None
+    ids, _, truncated = out
     return Prompt(subject_id=enc.subject_id, k_events=k_events, ids=ids, truncated=truncated, n_prompt_events=k)
 
 

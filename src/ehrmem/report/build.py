@@ -49,6 +49,7 @@ def build_report(
     checks: dict[str, Any],
     notes: list[str],
     provenance: dict[str, Any],
+    controls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of ``report.json``."""
     limitations = list(STANDING_LIMITATIONS)
@@ -62,6 +63,16 @@ def build_report(
             f"Only {cohort.n_nonmembers} non-members were audited: intervals are wide and TPR at 1% FPR "
             "cannot be resolved."
         )
+    controls = controls or {"status": "absent", "reason": "not measured", "positive_control": {"passed": None}}
+    pos = controls.get("positive_control", {}).get("passed")
+    if pos is False:
+        limitations.insert(0, "The positive control failed: " + controls["verdict"])
+    elif pos is None:
+        limitations.insert(
+            0,
+            "No positive control: the model carries no canaries, so this report cannot show that the audit "
+            "would have detected memorization in this model.",
+        )
     warnings = (
         list(notes) + list(cohort.notes) + [f"{tid}: {w}" for tid, r in results.items() for w in r.warnings]
     )
@@ -72,6 +83,7 @@ def build_report(
             "headline": _headline(results),
             "tests": {tid: {"status": r.status, "reason": r.reason} for tid, r in results.items()},
         },
+        "controls": controls,
         "cohort": cohort.summary(),
         "checks": checks,
         "tests": {tid: r.to_json() for tid, r in results.items()},
