@@ -57,6 +57,8 @@ TEST_TITLES = {
     "T5": "Perturbation",
     "T6": "Patients and subgroups",
 }
+# Stages whose result reads earlier stages: their cache keys include those stages' settings too.
+STAGE_DEPENDS = {"T5": ("T1", "T2"), "T6": ("T1", "T2", "T3", "T4"), "controls": ("T4",)}
 NOT_BUILT = "not implemented in ehrmem {version}; this report makes no claim about it"
 
 
@@ -238,9 +240,8 @@ def run_audit(
         if not enabled:
             results[test_id] = skipped(test_id, TEST_TITLES[test_id], "disabled in the configuration")
             continue
-        key = hashlib.sha256(
-            f"{__version__}|{dataset.data_hash}|{model_hash}|{cfg.digest()}|{test_id}".encode()
-        ).hexdigest()
+        digest = cfg.stage_digest(test_id, STAGE_DEPENDS.get(test_id, ()))
+        key = hashlib.sha256(f"{__version__}|{dataset.data_hash}|{model_hash}|{digest}|{test_id}".encode()).hexdigest()
         cached = _load_stage(stages / test_id, key) if resume else None
         if cached is not None:
             logger.info("%s: reusing the finished stage in %s", test_id, stages / test_id)
@@ -303,7 +304,8 @@ def _run_controls(
     context: AuditContext, cfg: AuditConfig, stages: Path, data_hash: str, model_hash: str
 ) -> tuple[dict[str, Any], pl.DataFrame]:
     """The canary controls, cached like a test stage."""
-    key = hashlib.sha256(f"{__version__}|{data_hash}|{model_hash}|{cfg.digest()}|controls".encode()).hexdigest()
+    digest = cfg.stage_digest("controls", STAGE_DEPENDS["controls"])
+    key = hashlib.sha256(f"{__version__}|{data_hash}|{model_hash}|{digest}|controls".encode()).hexdigest()
     stage = stages / "controls"
     fp, tp = stage / "controls.json", stage / "canaries.parquet"
     if fp.exists() and tp.exists():

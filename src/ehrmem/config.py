@@ -69,6 +69,14 @@ class AuditConfig(BaseModel):
     controls: ControlsConfig = Field(default_factory=ControlsConfig)
     gate: GateThresholds = Field(default_factory=GateThresholds)
 
+    def stage_digest(self, test_id: str, depends_on: tuple[str, ...] = ()) -> str:
+        """A digest of the settings one test's result depends on: the shared settings, its own section and
+        those of the tests it builds on. Changing T2's settings does not invalidate a finished T4 stage."""
+        tests = {"T1", "T2", "T3", "T4", "T5", "T6", "controls", "gate"}
+        keep = {test_id, *depends_on}
+        payload = self.model_dump(mode="json", exclude=tests - keep)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
     def digest(self) -> str:
         """A digest of the settings that change measurements (the gate's thresholds do not: they only judge)."""
         payload = self.model_dump(mode="json", exclude={"gate"})

@@ -540,6 +540,7 @@ class ProbingAudit(Audit):
 
         tables: list[pl.DataFrame] = []
         not_converged, n_fits = 0, 0
+        undefined_by_tier: dict[str, list[str]] = {}
         for k in cfg.tiers:
             tier = tier_name(k)
             sets = {
@@ -580,12 +581,18 @@ class ProbingAudit(Audit):
                     undefined.append(
                         f"{name} (members {m['n_pos']}+/{m['n_neg']}-, non-members {n['n_pos']}+/{n['n_neg']}-)"
                     )
+            undefined_by_tier[tier] = undefined
+        # One warning per distinct list of undefined categories, naming the tiers it holds for.
+        grouped: dict[tuple[str, ...], list[str]] = {}
+        for tier, undefined in undefined_by_tier.items():
             if undefined:
-                result.warn(
-                    f"tier {tier}: {len(undefined)} of {len(names)} categories have an undefined probe metric "
-                    f"(fewer than {max(cfg.min_positives, cfg.n_folds)} member or {cfg.min_positives} "
-                    f"non-member subjects with or without the category): {', '.join(undefined)}"
-                )
+                grouped.setdefault(tuple(undefined), []).append(tier)
+        for undefined, tiers in grouped.items():
+            result.warn(
+                f"tier{'s' if len(tiers) > 1 else ''} {', '.join(tiers)}: {len(undefined)} of {len(names)} categories "
+                f"have an undefined probe metric (fewer than {max(cfg.min_positives, cfg.n_folds)} member or "
+                f"{cfg.min_positives} non-member subjects with or without the category): {', '.join(undefined)}"
+            )
         if not_converged:
             result.warn(
                 f"{not_converged} of {n_fits} probe fits stopped before converging (MLP max_iter={MLP_MAX_ITER}, "
