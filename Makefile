@@ -29,6 +29,7 @@ test-slow: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -75,9 +75,7 @@ def loop_emd(pairs, hierarchy: CodeHierarchy, time_weight: float) -> np.ndarray:
         for i, (ca, ta) in enumerate(zip(codes_a, times_a, strict=True)):
             for j, (cb, tb) in enumerate(zip(codes_b, times_b, strict=True)):
                 u = abs(math.log1p(ta / DEFAULT_TIME_SCALE) - math.log1p(tb / DEFAULT_TIME_SCALE))
-                cost[i, j] = (hierarchy_distance(ca, cb, hierarchy) + time_weight * u / (1 + u)) / (
-                    1 + time_weight
-                )
+                cost[i, j] = (hierarchy_distance(ca, cb, hierarchy) + time_weight * u / (1 + u)) / (1 + time_weight)
         n, m = cost.shape
         out[k] = min(max(float(ot.emd2(np.full(n, 1 / n), np.full(m, 1 / m), cost)), 0.0), 1.0)
     return out
@@ -90,9 +88,7 @@ def vectorised_emd(pairs, hierarchy: CodeHierarchy, time_weight: float) -> tuple
     distance = CodeDistance(vocab, kind="hierarchy", hierarchy=hierarchy)
     matrix = distance.matrix
     matrix_secs = time.perf_counter() - t0
-    indexed = [
-        ((distance.indices(ca), ta), (distance.indices(cb), tb)) for (ca, ta), (cb, tb) in pairs
-    ]
+    indexed = [((distance.indices(ca), ta), (distance.indices(cb), tb)) for (ca, ta), (cb, tb) in pairs]
     return emd_many(indexed, matrix, time_weight), matrix_secs
 
 
@@ -112,11 +108,15 @@ def run_case(name: str, pairs, hierarchy: CodeHierarchy, time_weight: float) -> 
 
     max_diff = float(np.max(np.abs(fast - slow)))
     amortised = fast_secs - matrix_secs
-    print(f"[{name}] {len(pairs)} pairs, {min(lengths)}-{max(lengths)} events per sequence "
-          f"(mean {np.mean(lengths):.1f}), {n_cells:,} event pairs, {vocab_size} distinct codes")
+    print(
+        f"[{name}] {len(pairs)} pairs, {min(lengths)}-{max(lengths)} events per sequence "
+        f"(mean {np.mean(lengths):.1f}), {n_cells:,} event pairs, {vocab_size} distinct codes"
+    )
     print(f"  loop (code distance on the fly):   {slow_secs:8.3f} s")
-    print(f"  vectorised, incl. code matrix:     {fast_secs:8.3f} s   speed-up {slow_secs / fast_secs:6.1f}x  "
-          f"(matrix over {vocab_size} codes: {matrix_secs:.3f} s, built once per vocabulary)")
+    print(
+        f"  vectorised, incl. code matrix:     {fast_secs:8.3f} s   speed-up {slow_secs / fast_secs:6.1f}x  "
+        f"(matrix over {vocab_size} codes: {matrix_secs:.3f} s, built once per vocabulary)"
+    )
     print(f"  vectorised, matrix amortised:      {amortised:8.3f} s   speed-up {slow_secs / amortised:6.1f}x")
     print(f"  max |vectorised - loop| = {max_diff:.2e}   mean distance {fast.mean():.4f}")
     return max_diff, slow_secs / amortised

@@ -171,9 +171,7 @@ def main() -> None:
     train = ds.events.filter(pl.col(SUBJECT_ID).is_in(ds.subject_ids("train")))
     tok = EventTokenizer.fit(train)
     encoded = tok.encode(ds.events)
-    pset = build_prompts(
-        encoded, args.tier, context_length=args.context_length, horizon_tokens=cfg.max_new_tokens
-    )
+    pset = build_prompts(encoded, args.tier, context_length=args.context_length, horizon_tokens=cfg.max_new_tokens)
     prompts = pset.prompts[: args.n_prompts]
     if len(prompts) < args.n_prompts:
         raise SystemExit(f"only {len(prompts)} prompts at tier {args.tier}")
@@ -310,8 +308,10 @@ def main() -> None:
         rel = "1" if m == "raw" else f"{ratio[m]:.3f}"
         print(f"{names[m]:<46} {tps[m]:>13,.0f} {rel:>8}")
     print()
-    print(f"HFCausalLM.sample / raw generate: {ratio['ehrmem']:.3f} (goal >= {GOAL}: "
-          f"{'met' if ratio['ehrmem'] >= GOAL else 'NOT met'})")
+    print(
+        f"HFCausalLM.sample / raw generate: {ratio['ehrmem']:.3f} (goal >= {GOAL}: "
+        f"{'met' if ratio['ehrmem'] >= GOAL else 'NOT met'})"
+    )
     if same_as_sample_prompts is not None:
         print(f"sample_prompts gave the same generations as HFCausalLM.sample: {same_as_sample_prompts}")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,4 @@ def demo_data() -> Path:
     for cand in DEMO_CANDIDATES:
         if cand and (Path(cand) / "metadata" / "subject_splits.parquet").exists():
             return Path(cand)
-    pytest.skip(
-        "the MIMIC-IV demo copy (../shared/data/mimic-iv-demo-meds or $EHRMEM_DEMO_DATA) is not present"
-    )
+    pytest.skip("the MIMIC-IV demo copy (../shared/data/mimic-iv-demo-meds or $EHRMEM_DEMO_DATA) is not present")

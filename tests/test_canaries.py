@@ -45,16 +45,23 @@ def demo_train(demo_data: Path):
 @pytest.fixture(scope="module")
 def cs(demo_train) -> CanarySet:
     tok, enc = demo_train
-    return make_canaries(tok, enc, n=N_PAIRS, seed=0, length_events=12, secret_events=4, repeats=5,
-                         max_tokens=CONTEXT)
+    return make_canaries(tok, enc, n=N_PAIRS, seed=0, length_events=12, secret_events=4, repeats=5, max_tokens=CONTEXT)
 
 
 def tiny_gpt2(vocab_size: int, seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=CONTEXT, n_embd=32, n_layer=1, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=CONTEXT,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -144,7 +151,12 @@ def test_manifest_round_trip(cs: CanarySet, demo_train):
     assert back.to_manifest() == d
     for a, b in zip(cs.records, back.records, strict=True):
         assert (a.subject_id, a.pair, a.trained, a.prefix_length, a.sensitive_code) == (
-            b.subject_id, b.pair, b.trained, b.prefix_length, b.sensitive_code)
+            b.subject_id,
+            b.pair,
+            b.trained,
+            b.prefix_length,
+            b.sensitive_code,
+        )
         np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(back.secret_pool, cs.secret_pool)
     # A tokenizer other than the one the canaries were built with is refused (failure kind 7).
@@ -266,8 +278,7 @@ def test_train_with_canaries_records_them_in_the_manifest(demo_data: Path, tmp_p
     from ehrmem.models.train import TrainConfig, read_manifest
 
     ds = load_meds(demo_data)
-    cfg = TrainConfig(n_layer=1, n_embd=16, n_head=2, context_length=128, epochs=1, max_events=300,
-                      batch_size=32)
+    cfg = TrainConfig(n_layer=1, n_embd=16, n_head=2, context_length=128, epochs=1, max_events=300, batch_size=32)
     out = train_with_canaries(ds, tmp_path / "model", cfg, n_canaries=2, repeats=3, length_events=16)
     manifest = read_manifest(out)
     assert manifest["canaries"]["n_pairs"] == 2 and manifest["canaries"]["n_trained_sequences"] == 6

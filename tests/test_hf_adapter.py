@@ -84,9 +84,7 @@ class LeakyLM(torch.nn.Module):
 
 def sequences(m: HFCausalLM, lengths=LENGTHS, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [
-        np.concatenate([[1], rng.integers(3, m.vocab_size, size=n - 1)]).astype(np.int64) for n in lengths
-    ]
+    return [np.concatenate([[1], rng.integers(3, m.vocab_size, size=n - 1)]).astype(np.int64) for n in lengths]
 
 
 def own_loss(m: HFCausalLM, seq: np.ndarray) -> float:
@@ -163,17 +161,13 @@ def test_embeddings_do_not_depend_on_batching(model, pooling):
     assert alone.shape == (len(seqs), model.model.config.hidden_size)
     assert np.abs(alone).sum() > 0
     for batch_size in BATCH_SIZES:
-        np.testing.assert_allclose(
-            model.embed(seqs, pooling=pooling, batch_size=batch_size), alone, atol=ATOL
-        )
+        np.testing.assert_allclose(model.embed(seqs, pooling=pooling, batch_size=batch_size), alone, atol=ATOL)
 
 
 def test_embedding_poolings_differ_and_mean_is_masked(gpt2):
     seq = sequences(gpt2, (10,))[0]
     with torch.no_grad():
-        hidden = gpt2.model(input_ids=torch.as_tensor(seq)[None], output_hidden_states=True).hidden_states[
-            -1
-        ][0]
+        hidden = gpt2.model(input_ids=torch.as_tensor(seq)[None], output_hidden_states=True).hidden_states[-1][0]
     np.testing.assert_allclose(gpt2.embed([seq], pooling="mean")[0], hidden.mean(0).numpy(), atol=ATOL)
     np.testing.assert_allclose(gpt2.embed([seq], pooling="last")[0], hidden[-1].numpy(), atol=ATOL)
 
@@ -361,9 +355,7 @@ def test_pickled_weights_are_refused_unless_allowed(gpt2, tmp_path, tiny_model_d
     assert "pytorch_model.bin" in str(info.value) and "allow_pickle=True" in str(info.value)
     loaded = HFCausalLM.from_pretrained(d, allow_pickle=True, device="cpu")
     seq = sequences(gpt2, (20,))[0]
-    np.testing.assert_allclose(
-        loaded.token_scores([seq])[0].logprob, gpt2.token_scores([seq])[0].logprob, atol=ATOL
-    )
+    np.testing.assert_allclose(loaded.token_scores([seq])[0].logprob, gpt2.token_scores([seq])[0].logprob, atol=ATOL)
 
 
 def test_directory_without_config_is_refused(tmp_path):

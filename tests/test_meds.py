@@ -163,10 +163,7 @@ def test_unknown_split_name(tiny_meds):
     fp = _rewrite(
         tiny_meds / "metadata" / "subject_splits.parquet",
         lambda df: df.with_columns(
-            pl.when(pl.col("subject_id") == 1001)
-            .then(pl.lit("validation"))
-            .otherwise(pl.col("split"))
-            .alias("split")
+            pl.when(pl.col("subject_id") == 1001).then(pl.lit("validation")).otherwise(pl.col("split")).alias("split")
         ),
     )
     with pytest.raises(InputError) as info:
@@ -186,9 +183,7 @@ def test_subject_listed_twice_in_split_file(tiny_meds):
 
 
 def test_subject_without_split(tiny_meds):
-    _rewrite(
-        tiny_meds / "metadata" / "subject_splits.parquet", lambda df: df.filter(pl.col("subject_id") != 1002)
-    )
+    _rewrite(tiny_meds / "metadata" / "subject_splits.parquet", lambda df: df.filter(pl.col("subject_id") != 1002))
     msg = _error(tiny_meds)
     assert "no split" in msg and "1002" in msg
 

@@ -9,12 +9,16 @@ import polars as pl
 import pytest
 
 from ehrmem.audits.base import AuditContext
+from ehrmem.audits.masking import MaskingConfig
 from ehrmem.audits.membership import MembershipAudit, MembershipConfig, attack_scores, min_k
 from ehrmem.data.cohort import build_cohort
 from ehrmem.data.meds import load_meds
 from ehrmem.data.tokenizer import EventTokenizer
 from ehrmem.errors import NumericalError, ResultsNotReadyError
 from ehrmem.models.protocol import TokenScores
+
+# The oracle stand-in scores tokens but has no embeddings, so the embedding (masking) attack is off.
+NO_MASKING = MaskingConfig(enabled=False)
 
 
 class OracleModel:
@@ -89,7 +93,7 @@ def test_oracle_polarity(tmp_path, margin, expected):
     data = write_meds(tmp_path / "m", n_subjects=40, splits={"train": 0.5, "tuning": 0.0, "held_out": 0.5})
     ctx, cohort, encoded = _context(data, OracleModel(set()))
     ctx.model = OracleModel(_keys(cohort, encoded, 1), margin=margin)
-    cfg = MembershipConfig(reference_split=None, n_bootstrap=200, min_per_class=2)
+    cfg = MembershipConfig(masking=NO_MASKING, reference_split=None, n_bootstrap=200, min_per_class=2)
     res = MembershipAudit(ctx, cfg).run().result
     assert res.status == "ok"
     for name in ("loss", "min_k", "min_k_pp"):
@@ -107,7 +111,9 @@ def test_low_fpr_is_refused_with_reason(tmp_path):
     ctx, cohort, encoded = _context(data, OracleModel(set()))
     ctx.model = OracleModel(_keys(cohort, encoded, 1))
     res = (
-        MembershipAudit(ctx, MembershipConfig(reference_split=None, n_bootstrap=200, min_per_class=2))
+        MembershipAudit(
+            ctx, MembershipConfig(masking=NO_MASKING, reference_split=None, n_bootstrap=200, min_per_class=2)
+        )
         .run()
         .result
     )
@@ -125,7 +131,9 @@ def test_too_few_per_class_is_undefined_not_half(tmp_path):
     ctx, cohort, encoded = _context(data, OracleModel(set()))
     ctx.model = OracleModel(_keys(cohort, encoded, 1))
     res = (
-        MembershipAudit(ctx, MembershipConfig(reference_split=None, min_per_class=50, n_bootstrap=200))
+        MembershipAudit(
+            ctx, MembershipConfig(masking=NO_MASKING, reference_split=None, min_per_class=50, n_bootstrap=200)
+        )
         .run()
         .result
     )
@@ -144,8 +152,10 @@ def test_nonfinite_scores_fail_naming_subjects(tmp_path):
     victim = cohort.audited["subject_id"][0]
     ctx.model = OracleModel(_keys(cohort, encoded, 1), nonfinite={encoded[victim].ids.tobytes()})
     with pytest.raises(NumericalError, match=str(victim)):
-        MembershipAudit(ctx, MembershipConfig(reference_split=None, n_bootstrap=200)).run()
-    cfg = MembershipConfig(reference_split=None, n_bootstrap=200, allow_nonfinite=True, min_per_class=2)
+        MembershipAudit(ctx, MembershipConfig(masking=NO_MASKING, reference_split=None, n_bootstrap=200)).run()
+    cfg = MembershipConfig(
+        masking=NO_MASKING, reference_split=None, n_bootstrap=200, allow_nonfinite=True, min_per_class=2
+    )
     res = MembershipAudit(ctx, cfg).run().result
     assert victim not in res.tables["membership_scores"]["subject_id"].to_list()
     assert any(str(victim) in w for w in res.warnings)
@@ -170,7 +180,7 @@ def test_reference_split_that_saw_members_is_rejected(tmp_path):
     ctx, cohort, encoded = _context(data, OracleModel(set()))
     ctx.model = OracleModel(_keys(cohort, encoded, 1))
     with pytest.raises(InputError, match="reference"):
-        MembershipAudit(ctx, MembershipConfig(reference_split="train", n_bootstrap=200)).run()
+        MembershipAudit(ctx, MembershipConfig(masking=NO_MASKING, reference_split="train", n_bootstrap=200)).run()
 
 
 def test_real_tiny_model_end_to_end(tiny_model_dir):

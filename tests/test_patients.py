@@ -38,9 +38,11 @@ def _write(root: Path) -> Path:
         age = 95 if sid in OLD else 10 if sid in CHILDREN else 30 + sid % 40
         r.append((sid, t - timedelta(days=int(365.25 * age) + 30), "MEDS_BIRTH", None))
         n = 15 + (sid * 7) % 25
-        codes = clone_events + [str(c) for c in rng.choice(CODES, size=n)] if sid in CLONES else [
-            str(c) for c in rng.choice(CODES, size=n)
-        ]
+        codes = (
+            clone_events + [str(c) for c in rng.choice(CODES, size=n)]
+            if sid in CLONES
+            else [str(c) for c in rng.choice(CODES, size=n)]
+        )
         if sid % 2 == 0:
             codes.append(HIV)
         if sid in (1, 2):
@@ -65,8 +67,9 @@ def _write(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     ds = load_meds(_write(tmp_path_factory.mktemp("t6") / "meds"))
-    cohort = build_cohort(ds, None, membership="splits", member_splits=["train"],
-                          nonmember_splits=["held_out"], match_length=False)
+    cohort = build_cohort(
+        ds, None, membership="splits", member_splits=["train"], nonmember_splits=["held_out"], match_length=False
+    )
     return ds, cohort
 
 
@@ -78,7 +81,10 @@ def _previous(cohort, *, which=("T1", "T2", "T4")) -> dict[str, Result]:
     loss = [float(m + rng.normal()) for m in mem]
     loss[ids.index(TOP)] = 100.0
     out["T4"] = Result(
-        "T4", "Membership inference", "ok", "stand-in",
+        "T4",
+        "Membership inference",
+        "ok",
+        "stand-in",
         section={"best_attack": "loss", "attacks": {}},
         tables={"membership_scores": pl.DataFrame({"subject_id": ids, "member": mem, "loss": loss})},
     )
@@ -86,18 +92,40 @@ def _previous(cohort, *, which=("T1", "T2", "T4")) -> dict[str, Result]:
     for s, m in zip(ids, mem, strict=True):
         for k in (0, 10):
             lift = 100.0 if s == TOP else 0.3 * m + 0.1 * rng.random()
-            rows.append({"subject_id": s, "member": m, "tier": "static" if k == 0 else "10", "k_events": k,
-                         "emd_mean": 10.0 * (1 - min(lift, 0.99)) if s != TOP else 0.0, "baseline_emd_mean": 10.0})
-    out["T1"] = Result("T1", "Reconstruction", "ok", "stand-in", section={"tiers": []},
-                           tables={"reconstruction": pl.DataFrame(rows)})
+            rows.append(
+                {
+                    "subject_id": s,
+                    "member": m,
+                    "tier": "static" if k == 0 else "10",
+                    "k_events": k,
+                    "emd_mean": 10.0 * (1 - min(lift, 0.99)) if s != TOP else 0.0,
+                    "baseline_emd_mean": 10.0,
+                }
+            )
+    out["T1"] = Result(
+        "T1", "Reconstruction", "ok", "stand-in", section={"tiers": []}, tables={"reconstruction": pl.DataFrame(rows)}
+    )
     rows = []
     for s, m in zip(ids, mem, strict=True):
         has = int(s % 2 == 0)
         share = 1.0 if s == TOP else float(rng.random() * 0.5)
-        rows.append({"subject_id": s, "member": m, "category": "hiv", "tier": "static", "k_events": 0,
-                     "share": share, "label": has, "prompt_cut": False})
+        rows.append(
+            {
+                "subject_id": s,
+                "member": m,
+                "category": "hiv",
+                "tier": "static",
+                "k_events": 0,
+                "share": share,
+                "label": has,
+                "prompt_cut": False,
+            }
+        )
     out["T2"] = Result(
-        "T2", "Sensitive attributes", "ok", "stand-in",
+        "T2",
+        "Sensitive attributes",
+        "ok",
+        "stand-in",
         section={"categories": {"hiv": {"unconditioned_rate": 0.1, "harm_tier": "stigmatised"}}, "settings": {}},
         tables={"sensitive": pl.DataFrame(rows)},
     )
@@ -106,8 +134,16 @@ def _previous(cohort, *, which=("T1", "T2", "T4")) -> dict[str, Result]:
 
 def _run(dataset, previous, **cfg) -> Result:
     ds, cohort = dataset
-    ctx = AuditContext(dataset=ds, model=None, tokenizer=None, cohort=cohort, encoded={}, manifest=None,
-                       model_dir=None, previous=previous)
+    ctx = AuditContext(
+        dataset=ds,
+        model=None,
+        tokenizer=None,
+        cohort=cohort,
+        encoded={},
+        manifest=None,
+        model_dir=None,
+        previous=previous,
+    )
     settings = {"n_bootstrap": 100, "tiers": [0, 10], **cfg}
     return PatientsAudit(ctx, PatientsConfig(**settings)).run().result
 
@@ -134,7 +170,10 @@ def test_helpers():
     assert age_band(90.0, [18, 40, 65, 90]) == "90+ (over 89)"
     assert age_band(None, [18, 40, 65, 90]) == "unknown"
     assert json_clean({"a": np.float32(1.5), "b": float("nan"), "c": [np.int64(2), np.bool_(True)]}) == {
-        "a": 1.5, "b": None, "c": [2, True]}
+        "a": 1.5,
+        "b": None,
+        "c": [2, True],
+    }
 
 
 def test_groups_below_min_size_or_with_one_class_print_no_number(dataset):
@@ -155,7 +194,10 @@ def test_groups_below_min_size_or_with_one_class_print_no_number(dataset):
     table = r.tables["subgroups"].filter(pl.col("status") == "undefined")
     assert table.height >= 3
     assert table.select(pl.col("membership_auc", "membership_auc_lo", "leakage_auc").null_count()).row(0) == (
-        table.height, table.height, table.height)
+        table.height,
+        table.height,
+        table.height,
+    )
     # groups large enough in both classes do get numbers with intervals
     f = _group(r, "sex", "F")
     assert f["status"] == "ok"
@@ -185,8 +227,15 @@ def test_risk_score_and_most_exposed_patients(dataset):
     assert top[0]["components"] == {"T1": 1.0, "T2": 1.0, "T4": 1.0}
     assert top[0]["categories_revealed"] == ["hiv"] and "hiv" in top[0]["sensitive_categories"]
     assert not any("//" in c for t in top for c in t["sensitive_categories"])  # category names, never codes
-    assert set(top[0]) == {"rank", "subject_id", "member", "risk_score", "components", "sensitive_categories",
-                           "categories_revealed"}
+    assert set(top[0]) == {
+        "rank",
+        "subject_id",
+        "member",
+        "risk_score",
+        "components",
+        "sensitive_categories",
+        "categories_revealed",
+    }
     assert [t["risk_score"] for t in top] == sorted((t["risk_score"] for t in top), reverse=True)
     table = r.tables["patient_risk"]
     assert table.height == 60 and table["risk_score"].min() >= 0 and table["risk_score"].max() <= 1
@@ -230,8 +279,12 @@ def test_uniqueness_counts_identical_prompts_and_nearest_neighbours(dataset):
     assert row[1]["n_sharing_prompt_static"] == sum(1 for s in MEMBERS if s % 2) - 1
     tiers = {e["tier"]: e for e in r.section["uniqueness"]["by_tier"]}
     corr = tiers["10"]["correlation_among_members"]
-    assert set(corr) == {"n_sharing_vs_t1_lift", "nn_distance_vs_t1_lift", "n_sharing_vs_risk_score",
-                         "nn_distance_vs_risk_score"}
+    assert set(corr) == {
+        "n_sharing_vs_t1_lift",
+        "nn_distance_vs_t1_lift",
+        "n_sharing_vs_risk_score",
+        "nn_distance_vs_risk_score",
+    }
     c = corr["nn_distance_vs_t1_lift"]
     assert c["status"] == "ok" and -1 <= c["rho"] <= 1 and c["n"] == 36
     # static tier: n_sharing is the same for every member of a sex, not constant overall; still well-defined

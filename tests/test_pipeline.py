@@ -123,11 +123,16 @@ def test_gate_command_reevaluates_under_other_thresholds(finished_run):
     out, _ = finished_run
     lenient = _gate(
         out,
-        "--set", "max_membership_auc_lower=1.0",
-        "--set", "max_tpr_at_low_fpr_lower=1.0",
-        "--set", "t1_fail_on_significant=false",
-        "--set", "max_t2_member_auroc_lower=1.0",
-        "--set", "min_nonmembers=0",
+        "--set",
+        "max_membership_auc_lower=1.0",
+        "--set",
+        "max_tpr_at_low_fpr_lower=1.0",
+        "--set",
+        "t1_fail_on_significant=false",
+        "--set",
+        "max_t2_member_auroc_lower=1.0",
+        "--set",
+        "min_nonmembers=0",
     )
     relaxed = json.loads((out / "gate.json").read_text())
     assert relaxed["verdict"] != "fail", relaxed["reasons"]  # no leakage threshold can be exceeded

@@ -85,9 +85,7 @@ def test_codes_of_too_few_training_subjects_are_unknown(min_code_subjects):
     subject1 = tok.encode(events)[0]
     names = tokens(tok, subject1.ids)
     assert names.count(UNK) == sum(
-        n_events
-        for code, n_events in (("RARE", 6), ("COMMON", 1), ("ALL", 1))
-        if held[code] < min_code_subjects
+        n_events for code, n_events in (("RARE", 6), ("COMMON", 1), ("ALL", 1)) if held[code] < min_code_subjects
     )
     # An unknown code gets no value token (its values were never binned).
     assert all(not b.startswith("VALUE//") for a, b in zip(names, names[1:], strict=False) if a == UNK)
@@ -156,9 +154,7 @@ def test_static_codes_come_first_after_bos_on_every_subject(tiny_meds):
         assert n_static == 1
         assert tok.vocab[enc.ids[1]].startswith("GENDER//")
         assert np.all(np.diff(enc.event_index) >= 0)
-        assert (
-            enc.n_events == ds.record_lengths().filter(pl.col("subject_id") == enc.subject_id)["n_events"][0]
-        )
+        assert enc.n_events == ds.record_lengths().filter(pl.col("subject_id") == enc.subject_id)["n_events"][0]
 
 
 def test_value_tokens_follow_their_code():
@@ -264,9 +260,7 @@ def test_prompt_and_continuation_partition_the_timed_events(tiny_meds, horizon):
             np.testing.assert_array_equal(np.concatenate([prompt, rest]), enc.ids)
             window = enc.continuation(k, horizon)
             np.testing.assert_array_equal(window, rest[: len(window)])
-            np.testing.assert_array_equal(
-                np.concatenate([prompt, window, enc.continuation(k + horizon)]), enc.ids
-            )
+            np.testing.assert_array_equal(np.concatenate([prompt, window, enc.continuation(k + horizon)]), enc.ids)
             events_in_window = set(enc.event_index[len(prompt) : len(prompt) + len(window)].tolist())
             assert events_in_window == set(range(k, min(k + horizon, enc.n_events)))
             if k > 0:

@@ -38,25 +38,15 @@ def _progress(it: Iterable[T], desc: str, total: int | None = None) -> Iterator[
 
 
 def _fail(e: Exception) -> None:
-    code = (
-        EXIT_INPUT
-        if isinstance(e, InputError)
-        else EXIT_MODEL
-        if isinstance(e, ModelError | NumericalError)
-        else 1
-    )
+    code = EXIT_INPUT if isinstance(e, InputError) else EXIT_MODEL if isinstance(e, ModelError | NumericalError) else 1
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
 @app.callback()
 def main(
-    verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")
-    ] = 0,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")
-    ] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     if version:
@@ -96,9 +86,7 @@ def demo_data(
     typer.echo(str(path))
 
 
-def _train(
-    data: Path, out: Path, cfg, value_column: str, split_source: str, canaries: int, repeats: int
-) -> Path:
+def _train(data: Path, out: Path, cfg, value_column: str, split_source: str, canaries: int, repeats: int) -> Path:
     from ehrmem.data.meds import load_meds
     from ehrmem.models.train import train_reference_model
 
@@ -135,19 +123,11 @@ def train(
     n_head: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     batch_size: Annotated[int, typer.Option(help="Windows per optimisation step.")] = 16,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 2e-3,
-    splits: Annotated[
-        list[str] | None, typer.Option("--split", help="Split(s) to train on (repeatable).")
-    ] = None,
-    min_code_subjects: Annotated[
-        int, typer.Option(help="Codes held by fewer training subjects map to [UNK].")
-    ] = 2,
+    splits: Annotated[list[str] | None, typer.Option("--split", help="Split(s) to train on (repeatable).")] = None,
+    min_code_subjects: Annotated[int, typer.Option(help="Codes held by fewer training subjects map to [UNK].")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (training is deterministic for a seed).")] = 0,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")
-    ] = None,
-    canaries: Annotated[
-        int, typer.Option(help="Synthetic canary patients to inject (positive controls).")
-    ] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
+    canaries: Annotated[int, typer.Option(help="Synthetic canary patients to inject (positive controls).")] = 0,
     repeats: Annotated[int, typer.Option(help="Times each canary is repeated in training.")] = 1,
     value_column: Annotated[str, typer.Option(help="Column holding numeric values.")] = "numeric_value",
     split_source: Annotated[str, typer.Option(help="file, directories or none.")] = "file",
@@ -330,9 +310,7 @@ def gate(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the model and the run go.")] = Path(
-        "ehrmem-demo"
-    ),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the model and the run go.")] = Path("ehrmem-demo"),
     epochs: Annotated[int, typer.Option(help="Training epochs of the reference model.")] = 20,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache directory for the demo data.")] = None,

@@ -101,9 +101,7 @@ def _measure(
 ) -> tuple[dict[str, Any], pl.DataFrame]:
     model, seed = context.model, context.seed
     logger.info("Controls: %d canaries and %d twins", len(cs.canaries), len(cs.twins))
-    exposure = canary_exposure(
-        model, cs, n_alternatives=cfg.n_alternatives, seed=seed, batch_size=context.batch_size
-    )
+    exposure = canary_exposure(model, cs, n_alternatives=cfg.n_alternatives, seed=seed, batch_size=context.batch_size)
 
     # Membership scores of whole records, as T4 scores real patients.
     limit = model.context_length
@@ -156,9 +154,7 @@ def _measure(
         s = table[name].to_numpy()
         m = _auc(labels, s, cfg, seed)
         low = tpr_at_fpr(labels, s, a)
-        m["tpr_at_fpr"] = (
-            {"tpr": low["tpr"], "achieved_fpr": low["achieved_fpr"]} if low["status"] == "ok" else None
-        )
+        m["tpr_at_fpr"] = {"tpr": low["tpr"], "achieved_fpr": low["achieved_fpr"]} if low["status"] == "ok" else None
         m["tpr_at_fpr_reason"] = low.get("reason") if low["status"] != "ok" else None
         membership[name] = m
 

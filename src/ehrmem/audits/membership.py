@@ -54,14 +54,10 @@ class MembershipConfig(BaseModel):
     target_fprs: list[float] = Field(default_factory=lambda: [0.01, 0.001])
     n_bootstrap: int = Field(1000, ge=100)
     min_per_class: int = Field(5, ge=2, description="fewest members and non-members for a reported AUC")
-    max_tokens: int | None = Field(
-        None, ge=2, description="tokens scored per subject (default: context window)"
-    )
+    max_tokens: int | None = Field(None, ge=2, description="tokens scored per subject (default: context window)")
     reference_split: str | None = Field("tuning", description="split the n-gram reference is fitted on")
     reference_model: Path | None = None
-    allow_nonfinite: bool = Field(
-        False, description="drop subjects with non-finite scores instead of failing"
-    )
+    allow_nonfinite: bool = Field(False, description="drop subjects with non-finite scores instead of failing")
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
 
 
@@ -81,9 +77,7 @@ def attack_scores(ts: TokenScores, min_k_fraction: float) -> dict[str, float]:
     }
 
 
-def evaluate_attack(
-    labels: np.ndarray, scores: np.ndarray, cfg: MembershipConfig, seed: int
-) -> dict[str, Any]:
+def evaluate_attack(labels: np.ndarray, scores: np.ndarray, cfg: MembershipConfig, seed: int) -> dict[str, Any]:
     """AUC with bootstrap interval, advantage, and TPR at each target FPR (refused when unresolvable)."""
     summary = auc_summary(labels, scores, n_boot=cfg.n_bootstrap, seed=seed, min_per_class=cfg.min_per_class)
     tprs: dict[str, Any] = {}
@@ -188,17 +182,13 @@ class MembershipAudit(Audit):
         if ref_table is not None:
             table = table.join(ref_table, on=SUBJECT_ID, how="left")
             sub = table.filter(pl.col("ref_ngram").is_not_null())
-            attacks["ref_ngram"] = evaluate_attack(
-                sub["member"].to_numpy(), sub["ref_ngram"].to_numpy(), cfg, ctx.seed
-            )
+            attacks["ref_ngram"] = evaluate_attack(sub["member"].to_numpy(), sub["ref_ngram"].to_numpy(), cfg, ctx.seed)
             attacks["ref_ngram"].update(description=ATTACK_DESCRIPTIONS["ref_ngram"], reference=ref_info)
         if cfg.reference_model is not None:
             ref_model_table, info = self._model_reference(ids, labels, seqs, target_mean)
             table = table.join(ref_model_table, on=SUBJECT_ID, how="left")
             sub = table.filter(pl.col("ref_model").is_not_null())
-            attacks["ref_model"] = evaluate_attack(
-                sub["member"].to_numpy(), sub["ref_model"].to_numpy(), cfg, ctx.seed
-            )
+            attacks["ref_model"] = evaluate_attack(sub["member"].to_numpy(), sub["ref_model"].to_numpy(), cfg, ctx.seed)
             attacks["ref_model"].update(description=ATTACK_DESCRIPTIONS["ref_model"], reference=info)
 
         if cfg.masking.enabled:
@@ -257,14 +247,10 @@ class MembershipAudit(Audit):
         }
         if best is None:
             result.status = "undefined"
-            result.reason = "no attack could be evaluated: " + "; ".join(
-                a["reason"] or "" for a in attacks.values()
-            )
+            result.reason = "no attack could be evaluated: " + "; ".join(a["reason"] or "" for a in attacks.values())
         else:
             b = attacks[best]
-            result.reason = (
-                f"best attack {best}: AUC {b['auc']:.3f} [{b['auc_ci95'][0]:.3f}, {b['auc_ci95'][1]:.3f}]"
-            )
+            result.reason = f"best attack {best}: AUC {b['auc']:.3f} [{b['auc_ci95'][0]:.3f}, {b['auc_ci95'][1]:.3f}]"
         result.tables["membership_scores"] = table
         return result
 
@@ -326,9 +312,7 @@ class MembershipAudit(Audit):
         ctx, cfg = self.context, self.config
         ref_dir = Path(cfg.reference_model)  # type: ignore[arg-type]
         if not ref_dir.is_dir():
-            raise InputError(
-                "The reference model does not exist.", file=ref_dir, expected="a model directory"
-            )
+            raise InputError("The reference model does not exist.", file=ref_dir, expected="a model directory")
         manifest = read_manifest(ref_dir)
         if manifest is None:
             raise InputError(
@@ -359,10 +343,7 @@ class MembershipAudit(Audit):
         ref = HFCausalLM.from_pretrained(ref_dir, pad_id=ctx.tokenizer.pad_id)
         keep = [i for i, s in enumerate(ids) if s not in ref_trained]
         ref_scores = ref.token_scores([seqs[i] for i in keep], batch_size=ctx.batch_size)
-        rows = [
-            (ids[i], float(target_mean[i] - np.mean(t.logprob)))
-            for i, t in zip(keep, ref_scores, strict=True)
-        ]
+        rows = [(ids[i], float(target_mean[i] - np.mean(t.logprob))) for i, t in zip(keep, ref_scores, strict=True)]
         info = {
             "kind": "reference model",
             "path": str(ref_dir),

@@ -370,9 +370,7 @@ class PatientsAudit(Audit):
             .unique()
             .join(counts, on=CODE, how="left")
             .join(audited.select(SUBJECT_ID, "member"), on=SUBJECT_ID, how="left")
-            .with_columns(
-                (pl.col("_n_train").fill_null(0) + (1 - pl.col("member").cast(pl.Int64))).alias("_holders")
-            )
+            .with_columns((pl.col("_n_train").fill_null(0) + (1 - pl.col("member").cast(pl.Int64))).alias("_holders"))
             .group_by(SUBJECT_ID)
             .agg((pl.col("_holders") <= k).sum().alias("n_rare_codes"))
         )
@@ -429,8 +427,8 @@ class PatientsAudit(Audit):
             train_rows = pc.filter(is_train)
             nn_dist: dict[int, float] = {}
             if train_rows.height >= 2 and aud.height:
-                vocab = pc.select(pl.col("codes").explode().unique().sort().alias(CODE)).drop_nulls().with_row_index(
-                    "_col"
+                vocab = (
+                    pc.select(pl.col("codes").explode().unique().sort().alias(CODE)).drop_nulls().with_row_index("_col")
                 )
 
                 def bag(frame: pl.DataFrame, vocab: pl.DataFrame = vocab) -> sparse.csr_matrix:
@@ -494,8 +492,13 @@ class PatientsAudit(Audit):
                 for qname, q in (("n_sharing", sharing), ("nn_distance", nn_dist)):
                     common = [s for s in q if s in leak and member_of[s] == 1]
                     if not leak:
-                        versus[f"{qname}_vs_{lname}"] = {"status": "undefined", "reason": missing, "rho": None,
-                                                        "ci95": None, "n": 0}
+                        versus[f"{qname}_vs_{lname}"] = {
+                            "status": "undefined",
+                            "reason": missing,
+                            "rho": None,
+                            "ci95": None,
+                            "n": 0,
+                        }
                         continue
                     versus[f"{qname}_vs_{lname}"] = spearman_summary(
                         np.array([q[s] for s in common], dtype=float),
@@ -694,8 +697,9 @@ class PatientsAudit(Audit):
         sex_of = dict(zip(demo[SUBJECT_ID].to_list(), demo["sex"].to_list(), strict=True))
         groups += [("sex", v, [s for s in ids if sex_of[s] == v]) for v in sorted(set(sex_of.values()))]
         k = cfg.rare_max_subjects
-        groups.append(("rare_codes", f"holds a code held by <= {k} training patients",
-                       [s for s in ids if n_rare.get(s, 0) > 0]))
+        groups.append(
+            ("rare_codes", f"holds a code held by <= {k} training patients", [s for s in ids if n_rare.get(s, 0) > 0])
+        )
         groups.append(("rare_codes", "holds no rare code", [s for s in ids if n_rare.get(s, 0) == 0]))
         groups += [("sensitive_category", n, [s for s in ids if n in held[s]]) for n in names]
         n_events_of = dict(zip(ids, lengths.tolist(), strict=True))
@@ -716,9 +720,7 @@ class PatientsAudit(Audit):
             lift,
             risk,
         )
-        table = table.join(uniq_table, on=SUBJECT_ID, how="left").sort(
-            "risk_rank", SUBJECT_ID, nulls_last=True
-        )
+        table = table.join(uniq_table, on=SUBJECT_ID, how="left").sort("risk_rank", SUBJECT_ID, nulls_last=True)
 
         used = [c for c in COMPONENTS if c in raw]
         result.section = json_clean(

@@ -215,14 +215,18 @@ def _validate_category(spec: _CategorySpec, source: str) -> Category:
     where = f"category {spec.name!r}"
 
     def fail(message: str, column: str, value: object, expected: str) -> None:
-        raise InputError(f"Invalid sensitivity catalogue: {where}: {message}", file=source, column=column,
-                         value=value, expected=expected)
+        raise InputError(
+            f"Invalid sensitivity catalogue: {where}: {message}",
+            file=source,
+            column=column,
+            value=value,
+            expected=expected,
+        )
 
     if not _NAME_RE.match(spec.name):
         fail("bad category name.", "name", spec.name, "lower-case letters, digits and '_', starting with a letter")
     if not any(getattr(spec, f) for f in PATTERN_FIELDS):
-        fail("the category has no patterns.", ", ".join(PATTERN_FIELDS), [],
-             "at least one ICD or medication pattern")
+        fail("the category has no patterns.", ", ".join(PATTERN_FIELDS), [], "at least one ICD or medication pattern")
 
     normalised: dict[str, tuple[str, ...]] = {}
     for field_name, _, _ in ICD_FIELDS:
@@ -245,11 +249,20 @@ def _validate_category(spec: _CategorySpec, source: str) -> Category:
         except re.error as err:
             fail(f"malformed medication pattern ({err}).", "medications", raw, "a valid regular expression")
         if compiled.search("") is not None:
-            fail("the medication pattern matches every code.", "medications", raw,
-                 "a pattern that needs at least one character, e.g. '\\bmethadone\\b'")
+            fail(
+                "the medication pattern matches every code.",
+                "medications",
+                raw,
+                "a pattern that needs at least one character, e.g. '\\bmethadone\\b'",
+            )
         if not _polars_accepts("(?i)" + raw):
-            fail("the medication pattern uses syntax the matching engine does not support (look-around, "
-                 "back-references).", "medications", raw, "a regular expression without look-around")
+            fail(
+                "the medication pattern uses syntax the matching engine does not support (look-around, "
+                "back-references).",
+                "medications",
+                raw,
+                "a regular expression without look-around",
+            )
         meds.append(raw)
 
     return Category(
@@ -266,17 +279,27 @@ def _read_spec(path: Path | str, text: str | None = None) -> tuple[_CatalogueSpe
     if text is None:
         fp = Path(path)
         if not fp.is_file():
-            raise InputError("The sensitivity catalogue file does not exist.", file=fp,
-                             expected="a YAML file like the packaged sensitive_catalogue.yaml")
+            raise InputError(
+                "The sensitivity catalogue file does not exist.",
+                file=fp,
+                expected="a YAML file like the packaged sensitive_catalogue.yaml",
+            )
         text = fp.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise InputError(f"The sensitivity catalogue is not valid YAML: {err}", file=source,
-                         expected="a YAML mapping with a 'categories' list") from None
+        raise InputError(
+            f"The sensitivity catalogue is not valid YAML: {err}",
+            file=source,
+            expected="a YAML mapping with a 'categories' list",
+        ) from None
     if not isinstance(raw, dict):
-        raise InputError("The sensitivity catalogue must be a YAML mapping.", file=source,
-                         value=type(raw).__name__, expected="a mapping with a 'categories' list")
+        raise InputError(
+            "The sensitivity catalogue must be a YAML mapping.",
+            file=source,
+            value=type(raw).__name__,
+            expected="a mapping with a 'categories' list",
+        )
     try:
         spec = _CatalogueSpec.model_validate(raw)
     except ValidationError as err:
@@ -285,14 +308,23 @@ def _read_spec(path: Path | str, text: str | None = None) -> tuple[_CatalogueSpe
     seen: set[str] = set()
     for cat in spec.categories:
         if cat.name in seen:
-            raise InputError("Invalid sensitivity catalogue: duplicate category name.", file=source,
-                             column="name", value=cat.name, expected="each category name once per file")
+            raise InputError(
+                "Invalid sensitivity catalogue: duplicate category name.",
+                file=source,
+                column="name",
+                value=cat.name,
+                expected="each category name once per file",
+            )
         seen.add(cat.name)
     for prefix in spec.medication_code_prefixes:
         if not prefix.strip() or "/" in prefix:
-            raise InputError("Invalid sensitivity catalogue: bad medication code prefix.", file=source,
-                             column="medication_code_prefixes", value=prefix,
-                             expected="the first '//' part of medication codes, e.g. MEDICATION")
+            raise InputError(
+                "Invalid sensitivity catalogue: bad medication code prefix.",
+                file=source,
+                column="medication_code_prefixes",
+                value=prefix,
+                expected="the first '//' part of medication codes, e.g. MEDICATION",
+            )
     return spec, [_validate_category(c, source) for c in spec.categories]
 
 
@@ -335,8 +367,12 @@ class Catalogue:
         try:
             return self.categories[name]
         except KeyError:
-            raise InputError("Unknown sensitive category.", column="category", value=name,
-                             expected=f"one of {', '.join(self.categories)}") from None
+            raise InputError(
+                "Unknown sensitive category.",
+                column="category",
+                value=name,
+                expected=f"one of {', '.join(self.categories)}",
+            ) from None
 
     def harm_tier(self, category: str) -> HarmTier:
         """The harm tier (``stigmatised``, ``serious`` or ``low``) of a category."""
@@ -354,8 +390,13 @@ class Catalogue:
 
     def _flag_exprs(self, with_descriptions: bool) -> list[pl.Expr]:
         kind, version, icd = pl.col("icd_kind"), pl.col("icd_version"), pl.col("icd_code")
-        is_med = pl.col(CODE).str.split("//").list.first().str.strip_chars().str.to_uppercase().is_in(
-            [p.strip().upper() for p in self.medication_code_prefixes]
+        is_med = (
+            pl.col(CODE)
+            .str.split("//")
+            .list.first()
+            .str.strip_chars()
+            .str.to_uppercase()
+            .is_in([p.strip().upper() for p in self.medication_code_prefixes])
         )
         exprs = []
         for name, cat in self.categories.items():
@@ -363,9 +404,9 @@ class Catalogue:
             for field_name, icd_kind, icd_version in ICD_FIELDS:
                 regex = cat.icd_regex(field_name)
                 if regex is not None:
-                    expr = expr | (
-                        (kind == icd_kind) & (version == icd_version) & icd.str.contains(regex)
-                    ).fill_null(False)
+                    expr = expr | ((kind == icd_kind) & (version == icd_version) & icd.str.contains(regex)).fill_null(
+                        False
+                    )
             med = cat.medication_regex
             if med is not None:
                 text_hit = pl.col(CODE).str.contains(med)
@@ -375,8 +416,9 @@ class Catalogue:
             exprs.append(expr.alias(name))
         return exprs
 
-    def match_frame(self, codes: Sequence[str] | pl.Series,
-                    descriptions: Mapping[str, str] | None = None) -> pl.DataFrame:
+    def match_frame(
+        self, codes: Sequence[str] | pl.Series, descriptions: Mapping[str, str] | None = None
+    ) -> pl.DataFrame:
         """One boolean column per category for each distinct code.
 
         Parameters
@@ -397,13 +439,15 @@ class Catalogue:
         frame = icd_parts(unique)
         if descriptions:
             frame = frame.with_columns(
-                pl.col(CODE).replace_strict(dict(descriptions), default=None, return_dtype=pl.String)
+                pl.col(CODE)
+                .replace_strict(dict(descriptions), default=None, return_dtype=pl.String)
                 .alias("_description")
             )
         return frame.select(CODE, *self._flag_exprs(bool(descriptions)))
 
-    def match(self, codes: Sequence[str] | pl.Series,
-              descriptions: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    def match(
+        self, codes: Sequence[str] | pl.Series, descriptions: Mapping[str, str] | None = None
+    ) -> dict[str, np.ndarray]:
         """Which codes fall into each category.
 
         Parameters
@@ -426,8 +470,9 @@ class Catalogue:
         )
         return {name: aligned[name].fill_null(False).to_numpy().astype(bool) for name in self.categories}
 
-    def category_codes(self, vocab: Sequence[str] | Mapping[str, int],
-                       descriptions: Mapping[str, str] | None = None) -> dict[str, set[int]]:
+    def category_codes(
+        self, vocab: Sequence[str] | Mapping[str, int], descriptions: Mapping[str, str] | None = None
+    ) -> dict[str, set[int]]:
         """Token ids of each category's codes in a vocabulary.
 
         Parameters
@@ -449,8 +494,14 @@ class Catalogue:
         hits = self.match(codes, descriptions)
         return {name: {int(i) for i in ids[mask]} for name, mask in hits.items()}
 
-    def subject_flags(self, events: pl.DataFrame, *, subject_col: str = SUBJECT_ID,
-                      code_col: str = CODE, descriptions: Mapping[str, str] | None = None) -> pl.DataFrame:
+    def subject_flags(
+        self,
+        events: pl.DataFrame,
+        *,
+        subject_col: str = SUBJECT_ID,
+        code_col: str = CODE,
+        descriptions: Mapping[str, str] | None = None,
+    ) -> pl.DataFrame:
         """Per subject, whether any of their events falls into each category.
 
         Parameters
@@ -469,8 +520,9 @@ class Catalogue:
         """
         for col in (subject_col, code_col):
             if col not in events.columns:
-                raise InputError("The events frame lacks a column.", column=col,
-                                 expected=f"columns {subject_col!r} and {code_col!r}")
+                raise InputError(
+                    "The events frame lacks a column.", column=col, expected=f"columns {subject_col!r} and {code_col!r}"
+                )
         flags = self.match_frame(events[code_col], descriptions).rename({CODE: code_col})
         flagged = events.select(subject_col, code_col).join(flags, on=code_col, how="left")
         return (

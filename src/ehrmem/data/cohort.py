@@ -66,9 +66,7 @@ def _smd(a: np.ndarray, b: np.ndarray) -> float | None:
     return float((la.mean() - lb.mean()) / pooled) if pooled > 0 else 0.0
 
 
-def match_on_length(
-    lengths_a: np.ndarray, lengths_b: np.ndarray, *, max_ratio: int | None = None
-) -> np.ndarray:
+def match_on_length(lengths_a: np.ndarray, lengths_b: np.ndarray, *, max_ratio: int | None = None) -> np.ndarray:
     """Greedy nearest-neighbour matching on log length, without replacement.
 
     ``a`` is the smaller group; each of its subjects gets ``k = min(max_ratio, len(b) // len(a))`` partners
@@ -151,9 +149,7 @@ def build_cohort(
         trained = {int(s) for s in manifest["trained_subjects"]}
         absent = trained - set(all_ids.to_list())
         if absent:
-            notes.append(
-                f"{len(absent)} trained subjects of the manifest are not in this dataset and are not audited."
-            )
+            notes.append(f"{len(absent)} trained subjects of the manifest are not in this dataset and are not audited.")
         table = base.with_columns(pl.col(SUBJECT_ID).is_in(list(trained)).cast(pl.Int8).alias("member"))
         label_source = "training manifest"
     else:
@@ -187,12 +183,8 @@ def build_cohort(
     matching: dict = {"method": "none"}
     if match_length and mem.height and non.height:
         small, large = (non, mem) if non.height <= mem.height else (mem, non)
-        keep_large = match_on_length(
-            small["n_events"].to_numpy(), large["n_events"].to_numpy(), max_ratio=max_ratio
-        )
-        kept_ids = set(small[SUBJECT_ID].to_list()) | set(
-            large.filter(pl.Series(keep_large))[SUBJECT_ID].to_list()
-        )
+        keep_large = match_on_length(small["n_events"].to_numpy(), large["n_events"].to_numpy(), max_ratio=max_ratio)
+        kept_ids = set(small[SUBJECT_ID].to_list()) | set(large.filter(pl.Series(keep_large))[SUBJECT_ID].to_list())
         matched = table[SUBJECT_ID].is_in(list(kept_ids)).to_numpy()
         m_after = table.filter(pl.Series(matched))
         matching = {

@@ -387,9 +387,7 @@ class CodeHierarchy:
         self.parent_codes: dict[str, tuple[str, ...]] = {
             str(k): tuple(str(p) for p in (v or ()) if p is not None) for k, v in (parent_codes or {}).items()
         }
-        self.descriptions: dict[str, str] = {
-            str(k): str(v) for k, v in (descriptions or {}).items() if v is not None
-        }
+        self.descriptions: dict[str, str] = {str(k): str(v) for k, v in (descriptions or {}).items() if v is not None}
         self._paths: dict[str, tuple[str, ...]] = {}
 
     @classmethod
@@ -405,9 +403,7 @@ class CodeHierarchy:
             Where the table came from, for error messages.
         """
         if CODE not in codes.columns:
-            raise InputError(
-                "The codes table has no code column.", file=file, column=CODE, expected="a 'code' column"
-            )
+            raise InputError("The codes table has no code column.", file=file, column=CODE, expected="a 'code' column")
         parents: dict[str, list[str]] = {}
         descriptions: dict[str, str] = {}
         has_parents = PARENT_CODES in codes.columns

@@ -325,9 +325,7 @@ def load_meds(
     if not root.is_dir():
         raise InputError("The MEDS dataset directory does not exist.", file=root, expected="a directory")
     if split_source not in ("file", "directories", "none"):
-        raise InputError(
-            "Unknown split source.", value=split_source, expected="'file', 'directories' or 'none'"
-        )
+        raise InputError("Unknown split source.", value=split_source, expected="'file', 'directories' or 'none'")
     files = _data_files(root)
     keep = None if subjects is None else {int(s) for s in subjects}
     shards = []

@@ -142,16 +142,12 @@ class EventTokenizer:
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(
-        cls, events: pl.DataFrame, *, n_value_bins: int = 10, min_code_subjects: int = 2
-    ) -> EventTokenizer:
+    def fit(cls, events: pl.DataFrame, *, n_value_bins: int = 10, min_code_subjects: int = 2) -> EventTokenizer:
         """Build the vocabulary and per-code value quantiles from (training) events only."""
         if n_value_bins < 2:
             raise InputError("n_value_bins must be at least 2.", value=n_value_bins, expected=">= 2")
         if min_code_subjects < 1:
-            raise InputError(
-                "min_code_subjects must be at least 1.", value=min_code_subjects, expected=">= 1"
-            )
+            raise InputError("min_code_subjects must be at least 1.", value=min_code_subjects, expected=">= 1")
         per_code = (
             events.group_by(CODE)
             .agg(pl.col(SUBJECT_ID).n_unique().alias("n_subjects"), pl.len().alias("count"))
@@ -221,9 +217,7 @@ class EventTokenizer:
         code_id = df["_id"].to_numpy().astype(np.int64)
         gaps = df["_gap"].to_numpy()
         has_gap = (ev > 0) & np.nan_to_num(gaps, nan=0.0).__gt__(0)
-        gap_id = np.where(
-            has_gap, self._time_ids[np.searchsorted(self._time_uppers, np.nan_to_num(gaps))], -1
-        )
+        gap_id = np.where(has_gap, self._time_ids[np.searchsorted(self._time_uppers, np.nan_to_num(gaps))], -1)
         value_id = self._value_tokens(df[CODE], df[NUMERIC_VALUE], code_id)
         # Interleave (gap, code, value) per event and drop the empty slots.
         stacked = np.stack([gap_id, code_id, value_id], axis=1).reshape(-1)
@@ -273,9 +267,7 @@ class EventTokenizer:
         elapsed = 0.0
         for t in np.asarray(ids).tolist():
             if t < 0 or t >= len(self.vocab):
-                raise InputError(
-                    "Token id outside the vocabulary.", value=t, expected=f"0..{len(self.vocab) - 1}"
-                )
+                raise InputError("Token id outside the vocabulary.", value=t, expected=f"0..{len(self.vocab) - 1}")
             kind = self.token_kind[t]
             if kind == 2:
                 elapsed += float(self.token_seconds[t])
@@ -353,11 +345,7 @@ class EventTokenizer:
         cfg = json.loads(tfp.read_text())
         counts = {}
         if "n_train_subjects" in table.columns:
-            counts = {
-                c: int(n)
-                for c, n in zip(table[CODE], table["n_train_subjects"], strict=True)
-                if n is not None
-            }
+            counts = {c: int(n) for c, n in zip(table[CODE], table["n_train_subjects"], strict=True) if n is not None}
         return cls(
             table[CODE].to_list(),
             cfg["value_bins"],

@@ -257,9 +257,12 @@ class CanarySet:
         """
         d = manifest.get("canaries", manifest)
         if not isinstance(d, dict) or d.get("format") != CANARY_FORMAT or "records" not in d:
-            raise InputError("Unrecognised canary description in the training manifest.", column="canaries",
-                             value=d.get("format") if isinstance(d, dict) else type(d).__name__,
-                             expected=f"a dict with format {CANARY_FORMAT!r} and 'records'")
+            raise InputError(
+                "Unrecognised canary description in the training manifest.",
+                column="canaries",
+                value=d.get("format") if isinstance(d, dict) else type(d).__name__,
+                expected=f"a dict with format {CANARY_FORMAT!r} and 'records'",
+            )
         if tokenizer is not None and d["vocab_sha256"] != vocab_fingerprint(tokenizer.vocab):
             raise ModelError(
                 f"The canaries were built with a different vocabulary (size {d['vocab_size']}) than the "
@@ -336,15 +339,17 @@ def _pools(
     sensitive = np.array([i for i in seen if vocab[i].startswith(patterns)], dtype=np.int64)
     source = "default" if sensitive_codes is None else "given"
     if sensitive_codes is not None and sensitive.size == 0:
-        raise InputError("None of the sensitive codes given for the canaries is in the training vocabulary.",
-                         value=list(sensitive_codes)[:5],
-                         expected="codes or code prefixes held by training subjects, e.g. "
-                         "'DIAGNOSIS//ICD//10//F1'")
+        raise InputError(
+            "None of the sensitive codes given for the canaries is in the training vocabulary.",
+            value=list(sensitive_codes)[:5],
+            expected="codes or code prefixes held by training subjects, e.g. 'DIAGNOSIS//ICD//10//F1'",
+        )
     diagnoses = np.array([i for i in seen if vocab[i].startswith(DIAGNOSIS_PREFIX)], dtype=np.int64)
     candidates = np.setdiff1d(diagnoses, sensitive)
     if candidates.size == 0:
-        logger.warning("The training vocabulary holds no %s codes; canary secrets use rare codes of any "
-                       "kind.", DIAGNOSIS_PREFIX)
+        logger.warning(
+            "The training vocabulary holds no %s codes; canary secrets use rare codes of any kind.", DIAGNOSIS_PREFIX
+        )
         candidates = np.setdiff1d(seen, sensitive)
     # Rarest first (ties by id, which follows the tokenizer's deterministic frequency order).
     candidates = candidates[np.lexsort((candidates, counts[candidates]))]
@@ -356,24 +361,25 @@ def _pools(
         logger.warning(
             "No default sensitive code (%s...) is in the training vocabulary; the canaries' sensitive "
             "position uses the %d rarest diagnosis codes instead, which are not necessarily sensitive.",
-            ", ".join(DEFAULT_SENSITIVE_PATTERNS[:3]), n_sens,
+            ", ".join(DEFAULT_SENSITIVE_PATTERNS[:3]),
+            n_sens,
         )
     rare = candidates[counts[candidates] <= max(1, RARE_SUBJECT_SHARE * n_subjects)]
     if rare.size < n_needed:
         rare = candidates[:n_needed]
     if rare.size < secret_events - 1:
-        raise InputError("Too few codes in the training vocabulary to build canary secrets.",
-                         value=f"{rare.size} candidate codes for secrets of {secret_events} codes",
-                         expected=f"at least {secret_events - 1} rare codes; lower secret_events")
+        raise InputError(
+            "Too few codes in the training vocabulary to build canary secrets.",
+            value=f"{rare.size} candidate codes for secrets of {secret_events} codes",
+            expected=f"at least {secret_events - 1} rare codes; lower secret_events",
+        )
     return np.sort(sensitive), np.sort(rare), source
 
 
 class _MarkovChain:
     """First-order Markov chain over the tokens of the training records, without the forbidden tokens."""
 
-    def __init__(
-        self, train_encoded: Sequence[EncodedSubject], vocab_size: int, forbidden: np.ndarray
-    ) -> None:
+    def __init__(self, train_encoded: Sequence[EncodedSubject], vocab_size: int, forbidden: np.ndarray) -> None:
         prev = np.concatenate([e.ids[:-1] for e in train_encoded])
         nxt = np.concatenate([e.ids[1:] for e in train_encoded])
         ok = ~np.isin(nxt, forbidden)
@@ -438,20 +444,30 @@ def make_canaries(
     the check rejects about 3% of draws; since it removes combinations that co-occur in real records, which
     a model may rank high, the omission can only lower the exposure of canaries and twins alike.
     """
-    for name, value, low in (("n", n, 1), ("length_events", length_events, 1),
-                             ("secret_events", secret_events, 2), ("repeats", repeats, 1)):
+    for name, value, low in (
+        ("n", n, 1),
+        ("length_events", length_events, 1),
+        ("secret_events", secret_events, 2),
+        ("repeats", repeats, 1),
+    ):
         if int(value) < low:
             raise InputError(f"{name} must be at least {low}.", value=value, expected=f"an integer >= {low}")
     if not train_encoded:
         raise InputError("Canaries need encoded training subjects.", value=0, expected="at least one subject")
     if max_tokens is not None and max_tokens < secret_events + 4:
-        raise InputError("max_tokens leaves no room for a canary.", value=max_tokens,
-                         expected=f">= {secret_events + 4} (secret_events + 4)")
+        raise InputError(
+            "max_tokens leaves no room for a canary.",
+            value=max_tokens,
+            expected=f">= {secret_events + 4} (secret_events + 4)",
+        )
     vocab, V = tokenizer.vocab, tokenizer.vocab_size
     all_ids = np.concatenate([e.ids for e in train_encoded])
     if int(all_ids.max()) >= V or int(all_ids.min()) < 0:
-        raise InputError("The encoded subjects hold ids outside the tokenizer's vocabulary.",
-                         value=int(all_ids.max()), expected=f"0 <= id < {V}; encode with the same tokenizer")
+        raise InputError(
+            "The encoded subjects hold ids outside the tokenizer's vocabulary.",
+            value=int(all_ids.max()),
+            expected=f"0 <= id < {V}; encode with the same tokenizer",
+        )
     counts = _subject_counts(train_encoded, V)
     sensitive, pool, source = _pools(tokenizer, counts, len(train_encoded), sensitive_codes, secret_events)
 
@@ -466,8 +482,11 @@ def make_canaries(
     chain = _MarkovChain(train_encoded, V, forbidden)
     event_codes = np.setdiff1d(np.flatnonzero((tokenizer.token_kind == 1) & (counts > 0)), forbidden)
     if event_codes.size == 0:
-        raise InputError("No codes are left to build canary records from.", value=0,
-                         expected="training codes besides the secret pools")
+        raise InputError(
+            "No codes are left to build canary records from.",
+            value=0,
+            expected="training codes besides the secret pools",
+        )
     code_p = counts[event_codes] / counts[event_codes].sum()
     time_ids = np.flatnonzero(tokenizer.token_kind == 2)
     time_use = np.bincount(all_ids, minlength=V)[time_ids].astype(np.float64)
@@ -526,30 +545,61 @@ def make_canaries(
             if key not in used and max_shared(s) <= limit:
                 used.add(key)
                 return s
-        raise InputError("Could not draw a canary secret that is unique and unlike every training subject.",
-                         value=f"{_MAX_DRAWS} draws, {len(pool)} rare and {len(sensitive)} sensitive codes",
-                         expected="fewer canaries, fewer secret_events, or a larger training vocabulary")
+        raise InputError(
+            "Could not draw a canary secret that is unique and unlike every training subject.",
+            value=f"{_MAX_DRAWS} draws, {len(pool)} rare and {len(sensitive)} sensitive codes",
+            expected="fewer canaries, fewer secret_events, or a larger training vocabulary",
+        )
 
     records: list[Canary] = []
     for pair in range(int(n)):
         made = []
         for j in range(2):
             p, s = prefix(), secret()
-            made.append((-(2 * pair + j + 1), np.concatenate([np.asarray(p, dtype=np.int64), s]), len(p),
-                         vocab[int(np.intersect1d(s, sensitive)[0])]))
+            made.append(
+                (
+                    -(2 * pair + j + 1),
+                    np.concatenate([np.asarray(p, dtype=np.int64), s]),
+                    len(p),
+                    vocab[int(np.intersect1d(s, sensitive)[0])],
+                )
+            )
         trained_j = int(rng.integers(2))
         for j, (sid, ids, plen, scode) in enumerate(made):
-            records.append(Canary(subject_id=sid, pair=pair, trained=j == trained_j, ids=ids,
-                                  prefix_length=plen, sensitive_code=scode))
+            records.append(
+                Canary(
+                    subject_id=sid, pair=pair, trained=j == trained_j, ids=ids, prefix_length=plen, sensitive_code=scode
+                )
+            )
     if n_short:
-        logger.warning("%d of %d canary prefixes were cut short of %d events to fit in %s tokens.",
-                       n_short, len(records), length_events, max_tokens)
-    cs = CanarySet(records=records, repeats=int(repeats), seed=int(seed), length_events=int(length_events),
-                   secret_events=int(secret_events), sensitive_pool=sensitive, secret_pool=pool,
-                   sensitive_source=source, vocab_size=V, vocab_sha256=vocab_fingerprint(vocab),
-                   code_names={int(i): vocab[i] for i in np.concatenate([sensitive, pool])})
-    logger.info("Built %d canary/twin pairs (secret space %.1f bits, %d sensitive and %d rare codes, "
-                "source %s)", n, cs.space_bits, len(sensitive), len(pool), source)
+        logger.warning(
+            "%d of %d canary prefixes were cut short of %d events to fit in %s tokens.",
+            n_short,
+            len(records),
+            length_events,
+            max_tokens,
+        )
+    cs = CanarySet(
+        records=records,
+        repeats=int(repeats),
+        seed=int(seed),
+        length_events=int(length_events),
+        secret_events=int(secret_events),
+        sensitive_pool=sensitive,
+        secret_pool=pool,
+        sensitive_source=source,
+        vocab_size=V,
+        vocab_sha256=vocab_fingerprint(vocab),
+        code_names={int(i): vocab[i] for i in np.concatenate([sensitive, pool])},
+    )
+    logger.info(
+        "Built %d canary/twin pairs (secret space %.1f bits, %d sensitive and %d rare codes, source %s)",
+        n,
+        cs.space_bits,
+        len(sensitive),
+        len(pool),
+        source,
+    )
     return cs
 
 
@@ -602,8 +652,7 @@ def canary_exposure(
         When a secret's log-likelihood is not finite (failure kind 2).
     """
     if int(n_alternatives) < 1:
-        raise InputError("n_alternatives must be at least 1.", value=n_alternatives,
-                         expected="an integer >= 1")
+        raise InputError("n_alternatives must be at least 1.", value=n_alternatives, expected="an integer >= 1")
     R = int(n_alternatives)
     max_bits = math.log2(R + 1)
     rows = []
@@ -623,21 +672,45 @@ def canary_exposure(
             )
         n_at_least = int((lp[1:] >= lp[0]).sum())
         rank = 1 + n_at_least
-        rows.append({
-            SUBJECT_ID: c.subject_id, "pair": c.pair, "role": c.role, "trained": c.trained,
-            "sensitive_code": c.sensitive_code, "secret_logprob": float(lp[0]), "n_alternatives": R,
-            "n_at_least": n_at_least, "rank": rank, "exposure_bits": max_bits - math.log2(rank),
-            "max_exposure_bits": max_bits, "space_bits": canary_set.space_bits, "p_value": rank / (R + 1),
-        })
-    df = pl.DataFrame(rows, schema={
-        SUBJECT_ID: pl.Int64, "pair": pl.Int64, "role": pl.String, "trained": pl.Boolean,
-        "sensitive_code": pl.String, "secret_logprob": pl.Float64, "n_alternatives": pl.Int64,
-        "n_at_least": pl.Int64, "rank": pl.Int64, "exposure_bits": pl.Float64,
-        "max_exposure_bits": pl.Float64, "space_bits": pl.Float64, "p_value": pl.Float64,
-    })
+        rows.append(
+            {
+                SUBJECT_ID: c.subject_id,
+                "pair": c.pair,
+                "role": c.role,
+                "trained": c.trained,
+                "sensitive_code": c.sensitive_code,
+                "secret_logprob": float(lp[0]),
+                "n_alternatives": R,
+                "n_at_least": n_at_least,
+                "rank": rank,
+                "exposure_bits": max_bits - math.log2(rank),
+                "max_exposure_bits": max_bits,
+                "space_bits": canary_set.space_bits,
+                "p_value": rank / (R + 1),
+            }
+        )
+    df = pl.DataFrame(
+        rows,
+        schema={
+            SUBJECT_ID: pl.Int64,
+            "pair": pl.Int64,
+            "role": pl.String,
+            "trained": pl.Boolean,
+            "sensitive_code": pl.String,
+            "secret_logprob": pl.Float64,
+            "n_alternatives": pl.Int64,
+            "n_at_least": pl.Int64,
+            "rank": pl.Int64,
+            "exposure_bits": pl.Float64,
+            "max_exposure_bits": pl.Float64,
+            "space_bits": pl.Float64,
+            "p_value": pl.Float64,
+        },
+    )
     mean = {role: df.filter(pl.col("role") == role)["exposure_bits"].mean() for role in ("canary", "twin")}
-    logger.info("Exposure: canaries mean %s bits, twins mean %s bits (max %.2f)",
-                mean["canary"], mean["twin"], max_bits)
+    logger.info(
+        "Exposure: canaries mean %s bits, twins mean %s bits (max %.2f)", mean["canary"], mean["twin"], max_bits
+    )
     return df
 
 
@@ -672,17 +745,28 @@ def train_with_canaries(
     for split in cfg.splits:
         subjects += dataset.subject_ids(split)
     train_events = dataset.events.filter(pl.col(SUBJECT_ID).is_in(subjects))
-    tokenizer = EventTokenizer.fit(train_events, n_value_bins=cfg.n_value_bins,
-                                   min_code_subjects=cfg.min_code_subjects)
+    tokenizer = EventTokenizer.fit(train_events, n_value_bins=cfg.n_value_bins, min_code_subjects=cfg.min_code_subjects)
     encoded = tokenizer.encode(train_events, max_events=cfg.max_events)
     cs = make_canaries(
-        tokenizer, encoded, n=n_canaries, seed=cfg.seed if seed is None else seed,
-        sensitive_codes=sensitive_codes, length_events=length_events, secret_events=secret_events,
-        repeats=repeats, max_tokens=cfg.context_length,
+        tokenizer,
+        encoded,
+        n=n_canaries,
+        seed=cfg.seed if seed is None else seed,
+        sensitive_codes=sensitive_codes,
+        length_events=length_events,
+        secret_events=secret_events,
+        repeats=repeats,
+        max_tokens=cfg.context_length,
     )
-    return train_reference_model(dataset, out_dir, cfg, tokenizer=tokenizer,
-                                 extra_sequences=cs.training_sequences(),
-                                 extra_manifest={"canaries": cs.to_manifest()}, progress=progress)
+    return train_reference_model(
+        dataset,
+        out_dir,
+        cfg,
+        tokenizer=tokenizer,
+        extra_sequences=cs.training_sequences(),
+        extra_manifest={"canaries": cs.to_manifest()},
+        progress=progress,
+    )
 
 
 __all__ = [

@@ -57,15 +57,20 @@ class _SeededSampler(LogitsProcessor):
             return scores
         logits = scores.float() / self.temperature
         probs = torch.softmax(logits, dim=-1)
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        cum = sorted_p.cumsum(dim=-1)
-        keep = (cum - sorted_p) < self.top_p
-        keep[:, 0] = True
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        cum = sorted_p.cumsum(dim=-1)
+        if self.top_p < 1.0:
+            # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (the top token always).
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+            cum = sorted_p.cumsum(dim=-1)
+            keep = (cum - sorted_p) < self.top_p
+            keep[:, 0] = True
+            cum = torch.where(keep, sorted_p, torch.zeros_like(sorted_p)).cumsum(dim=-1)
+        else:
+            # Nothing is cut, so the inverse CDF can run in vocabulary order: no sort on the hot path.
+            order = None
+            cum = probs.cumsum(dim=-1)
         u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(cum.device) * cum[:, -1]
         pos = torch.searchsorted(cum, u.unsqueeze(1)).clamp_max(cum.shape[1] - 1)
-        choice = order.gather(1, pos)
+        choice = pos if order is None else order.gather(1, pos)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, choice, 0.0)
         return out
@@ -195,23 +200,17 @@ class HFCausalLM:
             tok, mean, std = tok.cpu().numpy(), mean.cpu().numpy(), std.cpu().numpy()
             for r, i in enumerate(idx):
                 n = int(lengths[r]) - 1
-                out[i] = TokenScores(
-                    logprob=tok[r, :n].copy(), mean=mean[r, :n].copy(), std=std[r, :n].copy()
-                )
+                out[i] = TokenScores(logprob=tok[r, :n].copy(), mean=mean[r, :n].copy(), std=std[r, :n].copy())
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def embed(
-        self, sequences: Sequence[np.ndarray], *, pooling: Pooling = "mean", batch_size: int = 16
-    ) -> np.ndarray:
+    def embed(self, sequences: Sequence[np.ndarray], *, pooling: Pooling = "mean", batch_size: int = 16) -> np.ndarray:
         if pooling not in ("mean", "last"):
             raise InputError("Unknown pooling.", value=pooling, expected="'mean' or 'last'")
         self._check_ids(sequences)
         out: np.ndarray | None = None
         for idx, ids, mask in self._batches(sequences, batch_size):
-            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[
-                -1
-            ]
+            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
             hidden = hidden.float()
             if pooling == "mean":
                 m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -336,8 +335,7 @@ def check_batch_invariance(
         batched = model.token_scores(seqs, batch_size=batch_size)
         single = [model.token_scores([s], batch_size=1)[0] for s in seqs]
         diff = max(
-            float(np.max(np.abs(b.logprob - s.logprob), initial=0.0))
-            for b, s in zip(batched, single, strict=True)
+            float(np.max(np.abs(b.logprob - s.logprob), initial=0.0)) for b, s in zip(batched, single, strict=True)
         )
     else:
         b = model.embed(seqs, batch_size=batch_size)

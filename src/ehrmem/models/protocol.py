@@ -43,9 +43,7 @@ class AuditModel(Protocol):
         """Per-token log-probabilities of each sequence, one forward pass per batch."""
         ...
 
-    def embed(
-        self, sequences: Sequence[np.ndarray], *, pooling: Pooling = "mean", batch_size: int = 16
-    ) -> np.ndarray:
+    def embed(self, sequences: Sequence[np.ndarray], *, pooling: Pooling = "mean", batch_size: int = 16) -> np.ndarray:
         """One embedding per sequence (``n x hidden``), pooled over valid tokens only."""
         ...
 

@@ -80,19 +80,35 @@ def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int) -> torch.nn.Modu
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if cfg.n_embd % cfg.n_head:
-        raise InputError("n_embd must be a multiple of n_head.", value=(cfg.n_embd, cfg.n_head),
-                         expected="n_embd % n_head == 0")
+        raise InputError(
+            "n_embd must be a multiple of n_head.", value=(cfg.n_embd, cfg.n_head), expected="n_embd % n_head == 0"
+        )
     if cfg.architecture == "gpt2":
         hf_cfg = GPT2Config(
-            vocab_size=vocab_size, n_positions=cfg.context_length, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            bos_token_id=1, eos_token_id=2, pad_token_id=pad_id,
+            vocab_size=vocab_size,
+            n_positions=cfg.context_length,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=pad_id,
         )
         return GPT2LMHeadModel(hf_cfg)
     hf_cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-        max_position_embeddings=cfg.context_length, bos_token_id=1, eos_token_id=2, pad_token_id=pad_id,
+        vocab_size=vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=4 * cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
+        max_position_embeddings=cfg.context_length,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=pad_id,
         attention_dropout=cfg.dropout,
     )
     return LlamaForCausalLM(hf_cfg)
@@ -138,14 +154,22 @@ def train_reference_model(
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
     if dataset.splits is None:
-        raise InputError("Training needs split information to know which subjects to train on.",
-                         file=dataset.root, expected="a dataset loaded with a split file or split_source='directories'")
+        raise InputError(
+            "Training needs split information to know which subjects to train on.",
+            file=dataset.root,
+            expected="a dataset loaded with a split file or split_source='directories'",
+        )
     subjects: list[int] = []
     for split in cfg.splits:
         ids = dataset.subject_ids(split)
         if not ids:
-            raise InputError("A training split holds no subjects.", file=dataset.root, column="split",
-                             value=split, expected="a split with at least one subject")
+            raise InputError(
+                "A training split holds no subjects.",
+                file=dataset.root,
+                column="split",
+                value=split,
+                expected="a split with at least one subject",
+            )
         subjects += ids
     train_events = dataset.events.filter(pl.col(SUBJECT_ID).is_in(subjects))
     tokenizer = tokenizer or EventTokenizer.fit(
@@ -156,7 +180,12 @@ def train_reference_model(
     seqs += [np.asarray(s, dtype=np.int64)[: cfg.context_length] for _, s in extra_sequences]
     logger.info(
         "Training %s on %d subjects of split(s) %s: %d windows of <= %d tokens, vocabulary %d",
-        cfg.architecture, len(subjects), cfg.splits, len(seqs), cfg.context_length, tokenizer.vocab_size,
+        cfg.architecture,
+        len(subjects),
+        cfg.splits,
+        len(seqs),
+        cfg.context_length,
+        tokenizer.vocab_size,
     )
 
     torch.manual_seed(cfg.seed)
@@ -243,8 +272,11 @@ def train_reference_model(
     if out.exists():
         if not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
             shutil.rmtree(tmp)
-            raise InputError("The output directory exists and is not an ehrmem model; refusing to overwrite it.",
-                             file=out, expected="a new path, or a directory written by `ehrmem train`")
+            raise InputError(
+                "The output directory exists and is not an ehrmem model; refusing to overwrite it.",
+                file=out,
+                expected="a new path, or a directory written by `ehrmem train`",
+            )
         shutil.rmtree(out)
     os.replace(tmp, out)
     logger.info("Wrote the reference model to %s (final training loss %.3f, %.0f s)", out, history[-1], elapsed)
@@ -261,6 +293,11 @@ def read_manifest(model_dir: str | Path) -> dict | None:
     except json.JSONDecodeError as e:
         raise InputError("The training manifest is not valid JSON.", file=fp, value=str(e)) from e
     if manifest.get("format") != MANIFEST_FORMAT or "trained_subjects" not in manifest:
-        raise InputError("Unrecognised training manifest.", file=fp, column="format", value=manifest.get("format"),
-                         expected=f"{MANIFEST_FORMAT!r} with a 'trained_subjects' list")
+        raise InputError(
+            "Unrecognised training manifest.",
+            file=fp,
+            column="format",
+            value=manifest.get("format"),
+            expected=f"{MANIFEST_FORMAT!r} with a 'trained_subjects' list",
+        )
     return manifest

@@ -73,9 +73,7 @@ def build_report(
             "No positive control: the model carries no canaries, so this report cannot show that the audit "
             "would have detected memorization in this model.",
         )
-    warnings = (
-        list(notes) + list(cohort.notes) + [f"{tid}: {w}" for tid, r in results.items() for w in r.warnings]
-    )
+    warnings = list(notes) + list(cohort.notes) + [f"{tid}: {w}" for tid, r in results.items() for w in r.warnings]
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "status": "complete",

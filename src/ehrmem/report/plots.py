@@ -94,8 +94,14 @@ def tier_curve(tiers: list[dict]) -> str:
         lo = np.array([t[key]["ci95"][0] if t[key].get("ci95") else np.nan for t in tiers], dtype=float)
         hi = np.array([t[key]["ci95"][1] if t[key].get("ci95") else np.nan for t in tiers], dtype=float)
         ax.errorbar(
-            x + dx, m, yerr=[m - lo, hi - m], fmt="o-" if key != "baseline" else "s--", color=color,
-            label=label, capsize=3, lw=1.4,
+            x + dx,
+            m,
+            yerr=[m - lo, hi - m],
+            fmt="o-" if key != "baseline" else "s--",
+            color=color,
+            label=label,
+            capsize=3,
+            lw=1.4,
         )
     ax.set_xticks(x, names)
     ax.set_xlabel("attacker knowledge (events in the prompt)")

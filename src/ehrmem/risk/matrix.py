@@ -135,21 +135,34 @@ def _category_evidence(name: str, t2: dict | None, t3: dict | None, low_k: int) 
                 evaluated.append(f"{tid}@{tier}")
                 sig = bool(flag) if flag is not None else _signal(m, n)
                 if sig:
-                    signals.append({"test": tid, "tier": tier, "k_events": tier_k(tier), "how": how,
-                                    "member_auroc": m.get("auroc"), "member_auroc_ci95": m.get("auroc_ci95"),
-                                    "nonmember_auroc": (n or {}).get("auroc")})
+                    signals.append(
+                        {
+                            "test": tid,
+                            "tier": tier,
+                            "k_events": tier_k(tier),
+                            "how": how,
+                            "member_auroc": m.get("auroc"),
+                            "member_auroc_ci95": m.get("auroc_ci95"),
+                            "nonmember_auroc": (n or {}).get("auroc"),
+                        }
+                    )
                 elif m.get("auroc_ci95") and m["auroc_ci95"][0] is not None and m["auroc_ci95"][0] > 0.5:
                     population.append(f"{tid}@{tier}")
     if signals:
         ks = [s["k_events"] for s in signals if s["k_events"] is not None]
         least = min(ks) if ks else None
         level = "high" if least is not None and least <= low_k else "medium"
-        first = min(signals, key=lambda s: (s["k_events"] if s["k_events"] is not None else 10**9))
+        first = min(signals, key=lambda s: s["k_events"] if s["k_events"] is not None else 10**9)
     else:
         level = "low" if evaluated else UNDETERMINED
         first = None
-    return {"likelihood": level, "evaluated": evaluated, "signals": signals, "first_signal": first,
-            "population_level": population}
+    return {
+        "likelihood": level,
+        "evaluated": evaluated,
+        "signals": signals,
+        "first_signal": first,
+        "population_level": population,
+    }
 
 
 def _category_explanation(name: str, tier: str, likelihood: str, risk: str, ev: dict[str, Any]) -> str:
@@ -188,8 +201,10 @@ def _overall_evidence(report: dict, low_k: int, strong_auc: float, strong_tpr: f
     else:
         attacks = {k: a for k, a in (t4.get("attacks") or {}).items() if a.get("status") == "ok"}
         if not attacks:
-            parts["T4"] = {"likelihood": UNDETERMINED, "detail": f"no membership attack could be evaluated "
-                                                                  f"({t4.get('reason')})"}
+            parts["T4"] = {
+                "likelihood": UNDETERMINED,
+                "detail": f"no membership attack could be evaluated ({t4.get('reason')})",
+            }
         else:
             name, a = max(attacks.items(), key=lambda kv: kv[1]["auc_ci95"][0])
             lo = a["auc_ci95"][0]
@@ -220,8 +235,11 @@ def _overall_evidence(report: dict, low_k: int, strong_auc: float, strong_tpr: f
             first = min(sig, key=lambda t: t.get("k_events", 10**9))
             k = first.get("k_events")
             level = "high" if k is not None and k <= low_k else "medium"
-            parts["T1"] = {"likelihood": level, "least_knowledge_significant": first.get("tier"),
-                           "detail": f"reconstruction significant from tier {first.get('tier')}"}
+            parts["T1"] = {
+                "likelihood": level,
+                "least_knowledge_significant": first.get("tier"),
+                "detail": f"reconstruction significant from tier {first.get('tier')}",
+            }
         elif defined:
             parts["T1"] = {"likelihood": "low", "detail": "no tier shows significant reconstruction"}
         else:
@@ -325,8 +343,7 @@ def risk_matrix(
             f"{risk.capitalize()} risk: there is {words} that the model singles out patients it was trained on "
             f"({'; '.join(drivers)}), and {harm_why} (harm {harm})."
         )
-    overall = {"harm_tier": worst, "harm": harm, "likelihood": lk, "risk": risk, "evidence": parts,
-               "explanation": expl}
+    overall = {"harm_tier": worst, "harm": harm, "likelihood": lk, "risk": risk, "evidence": parts, "explanation": expl}
     ranked = [n for n in categories if categories[n]["risk"] in LEVELS]
     highest = max(ranked, key=lambda n: LEVELS.index(categories[n]["risk"]), default=None)
     return {

@@ -87,18 +87,30 @@ EventArrays = tuple[ArrayLike, ArrayLike]
 def _check_matrix(code_dist: ArrayLike) -> np.ndarray:
     m = np.asarray(code_dist, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise InputError("The code-distance matrix must be square.", column="code_dist", value=m.shape,
-                         expected="shape (V, V) over the vocabulary")
+        raise InputError(
+            "The code-distance matrix must be square.",
+            column="code_dist",
+            value=m.shape,
+            expected="shape (V, V) over the vocabulary",
+        )
     return m
 
 
 def _check_params(time_weight: float, time_scale: float) -> None:
     if not (math.isfinite(time_weight) and time_weight >= 0):
-        raise InputError("time_weight must be finite and non-negative.", column="time_weight",
-                         value=time_weight, expected=">= 0 (0 ignores time)")
+        raise InputError(
+            "time_weight must be finite and non-negative.",
+            column="time_weight",
+            value=time_weight,
+            expected=">= 0 (0 ignores time)",
+        )
     if not (math.isfinite(time_scale) and time_scale > 0):
-        raise InputError("time_scale must be finite and positive.", column="time_scale", value=time_scale,
-                         expected="seconds > 0, e.g. 3600")
+        raise InputError(
+            "time_scale must be finite and positive.",
+            column="time_scale",
+            value=time_scale,
+            expected="seconds > 0, e.g. 3600",
+        )
 
 
 def _as_event_arrays(events: EventArrays, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -220,8 +232,9 @@ def event_cost_matrix(
     return _cost(ca, ta, cb, tb, m, time_weight, time_scale)
 
 
-def _cost(ca: np.ndarray, ta: np.ndarray, cb: np.ndarray, tb: np.ndarray, m: np.ndarray,
-          time_weight: float, time_scale: float) -> np.ndarray:
+def _cost(
+    ca: np.ndarray, ta: np.ndarray, cb: np.ndarray, tb: np.ndarray, m: np.ndarray, time_weight: float, time_scale: float
+) -> np.ndarray:
     cost = m[ca[..., :, None], cb[..., None, :]]  # one gather: no Python loop over event pairs
     if time_weight > 0:
         cost += time_weight * time_cost(ta, tb, time_scale)
@@ -244,8 +257,14 @@ def _emd(cost: np.ndarray) -> float:
         import ot  # deferred: importing POT costs seconds (it probes its torch backend)
 
         # Uniform marginals are valid by construction: skip POT's marginal check and dual centring.
-        value, log = ot.emd2(np.full(n, 1.0 / n), np.full(k, 1.0 / k), np.ascontiguousarray(cost), log=True,
-                             center_dual=False, check_marginals=False)
+        value, log = ot.emd2(
+            np.full(n, 1.0 / n),
+            np.full(k, 1.0 / k),
+            np.ascontiguousarray(cost),
+            log=True,
+            center_dual=False,
+            check_marginals=False,
+        )
         if log.get("warning") is not None:
             raise NumericalError(f"The exact EMD solver did not reach the optimum: {log['warning']}")
         value = float(value)

@@ -53,9 +53,7 @@ def _as_binary(values: ArrayLike, name: str) -> np.ndarray:
     """Return a 1-D int8 array of 0/1 values, or raise naming the values that are neither."""
     arr = np.asarray(values)
     if arr.ndim != 1:
-        raise InputError(
-            f"{name} must be one-dimensional", column=name, value=arr.shape, expected="shape (n,)"
-        )
+        raise InputError(f"{name} must be one-dimensional", column=name, value=arr.shape, expected="shape (n,)")
 
     if arr.dtype == bool:
         return arr.astype(np.int8)
@@ -256,9 +254,7 @@ def roc_curve(labels: ArrayLike, scores: ArrayLike) -> RocCurve:
 
     reason = _too_few_reason(n_pos, n_neg, 1)
     if reason is not None:
-        raise InputError(
-            f"ROC curve undefined: {reason}", column="labels", value=f"n_pos={n_pos}, n_neg={n_neg}"
-        )
+        raise InputError(f"ROC curve undefined: {reason}", column="labels", value=f"n_pos={n_pos}, n_neg={n_neg}")
 
     fpr, tpr, thresholds = _sk_roc_curve(y, s, drop_intermediate=False)
 
@@ -437,9 +433,7 @@ def auc_summary(
 def _check_target_fpr(target_fpr: float) -> float:
     """Return ``target_fpr`` as a float, or raise unless it lies in (0, 1]."""
     if isinstance(target_fpr, bool) or not isinstance(target_fpr, Real) or not 0.0 < target_fpr <= 1.0:
-        raise InputError(
-            "target FPR out of range", column="target_fpr", value=target_fpr, expected="0 < target <= 1"
-        )
+        raise InputError("target FPR out of range", column="target_fpr", value=target_fpr, expected="0 < target <= 1")
 
     return float(target_fpr)
 
