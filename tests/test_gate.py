@@ -303,3 +303,43 @@ def test_tier_names_round_trip(tier):
     from ehrmem.risk.matrix import tier_k
 
     assert tier_k(tier_name(tier)) == tier
+
+
+def _t5_section(n_memorization: int, n_tested: int, twin_memorization: int | None = None) -> dict:
+    from ehrmem.audits.perturbation import memorization_excess
+
+    section = {
+        "status": "ok",
+        "reason": "stand-in",
+        "classes": {"memorization": n_memorization},
+        "memorization_excess": memorization_excess(n_memorization, n_tested),
+    }
+    if twin_memorization is not None:
+        section["canaries"] = {"status": "ok", "twin": {"n": 20, "memorization": twin_memorization}}
+    return section
+
+
+@pytest.mark.parametrize(
+    "n_mem, n_tested, status",
+    [(0, 50, "pass"), (2, 50, "pass"), (9, 50, "fail"), (3, 3, "fail"), (0, 0, "undefined")],
+)
+def test_t5_memorization_fails_the_gate_only_beyond_chance(n_mem, n_tested, status):
+    """One or two leaks classed memorization among 50 is what the per-leak rules give by chance (5% each);
+    nine is not."""
+    report = {"tests": {"T5": _t5_section(n_mem, n_tested)}, "cohort": {"n_nonmembers": 100}}
+    check = next(c for c in evaluate_gate(report)["checks"] if c["test"] == "T5" and c["kind"] == "leakage")
+    assert check["status"] == status, check
+    if status == "fail":
+        assert evaluate_gate(report)["verdict"] == "fail"
+    off = evaluate_gate(report, GateThresholds(t5_fail_on_memorization=False))
+    assert next(c for c in off["checks"] if c["test"] == "T5")["status"] == "skipped"
+
+
+def test_t5_twins_classed_memorization_are_flagged_not_failed():
+    report = {"tests": {"T5": _t5_section(0, 50, twin_memorization=6)}, "cohort": {"n_nonmembers": 100}}
+    gate = evaluate_gate(report)
+    info = next(c for c in gate["checks"] if c["kind"] == "info" and c["test"] == "T5")
+    assert info["status"] == "fail" and "unreliable" in info["detail"]
+    assert any("twins" in r for r in gate["reasons"])
+    calm = evaluate_gate({"tests": {"T5": _t5_section(0, 50, twin_memorization=1)}, "cohort": {"n_nonmembers": 100}})
+    assert next(c for c in calm["checks"] if c["kind"] == "info" and c["test"] == "T5")["status"] == "pass"

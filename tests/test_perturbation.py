@@ -279,7 +279,7 @@ def test_generalization_when_lookalikes_produce_it_as_often():
     ("original", "perturbed", "controls", "why"),
     [
         ((9, 10), [(8, 10)] * 8, [(0, 10)] * 2, "controls"),  # too few look-alikes
-        ((0, 10), [(0, 10)] * 8, [(0, 10)] * 5, "re-sampled"),  # the leak does not reproduce
+        ((0, 10), [(0, 10)] * 8, [(0, 10)] * 5, "did not replicate"),  # the leak does not reproduce
         ((9, 10), [], [(0, 10)] * 5, "no perturbation"),
         ((1, 10), [(0, 10)] * 8, [(0, 10)] * 5, "often enough"),  # one hit in ten: too little evidence
         ((5, 10), [(0, 10)] * 8, [(5, 10)] * 5, "vanishes"),  # look-alikes produce it, perturbation kills it
@@ -391,12 +391,13 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir):
         assert not set(ids) & members  # controls are non-members
     t2_rows = table.filter(pl.col("source") == "T2")
     assert (t2_rows["category"] == "hiv").all() and (t2_rows["item"] == "hiv").all()
-    # The member's prompt is rebuilt exactly as T2 ran it: same samples, same rate as T2 recorded.
+    # The discovery rate is what T2 recorded; the original rate comes from fresh samples of the same prompt
+    # (reusing the samples that selected the leak would confirm it by construction).
     recorded = t2.tables["sensitive"].join(
-        t2_rows.select("subject_id", "k_events", "r_original"), on=["subject_id", "k_events"]
+        t2_rows.select("subject_id", "k_events", "r_discovery", "r_original"), on=["subject_id", "k_events"]
     )
-    assert recorded.height == t2_rows.height and np.allclose(recorded["share"], recorded["r_original"])
-    assert not any("at another rate" in w for w in res.warnings)
+    assert recorded.height == t2_rows.height and np.allclose(recorded["share"], recorded["r_discovery"])
+    assert recorded["r_original"].is_not_null().all()
     assert any("T1 rows reproduce a different number" in w for w in res.warnings)  # T1's rows are made up
 
     section = res.to_json()
@@ -453,3 +454,72 @@ def test_prompt_tokens_match_build_prompt_under_truncation(hand):
         pos = {(int(t), int(e)) for t, e in zip(enc.ids, enc.event_index, strict=True)}
         assert all((int(t), int(e)) in pos for t, e in zip(ids, ev, strict=True))
         assert truncated == (budget < enc.prompt(6).size)
+
+
+class ChanceModel:
+    """Continuations that contain HIV with probability ``p`` whatever the prompt: a model that memorised
+    nobody. Each trajectory is drawn from its own (seed, trajectory) stream, like the HF adapter's."""
+
+    def __init__(self, tok: EventTokenizer, p: float = 0.3) -> None:
+        self.tok, self.p = tok, p
+        self.item = tok.index[HIV[0]]
+        self.filler = tok.index["LAB//A//mg"]
+        self.gap = next(i for i, k in enumerate(tok.token_kind) if k == 2)
+
+    context_length = 10_000
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.vocab_size
+
+    def token_scores(self, sequences, *, batch_size=16):
+        from ehrmem.models.protocol import TokenScores
+
+        return [TokenScores(np.zeros(len(s) - 1), np.zeros(len(s) - 1), np.ones(len(s) - 1)) for s in sequences]
+
+    def embed(self, sequences, *, pooling="mean", batch_size=16):
+        return np.zeros((len(sequences), 4), dtype=np.float32)
+
+    def sample(
+        self, prompts, *, n_samples, max_new_tokens, seeds, temperature=1.0, top_p=1.0, batch_size=16, stop_token=None
+    ):
+        out = []
+        for seed in seeds:
+            row = []
+            for j in range(n_samples):
+                rng = np.random.default_rng([int(seed), j])
+                toks = [self.gap, self.filler] * (max_new_tokens // 2)
+                if rng.random() < self.p:
+                    toks[1] = self.item  # in the first event, inside every horizon
+                row.append(np.array(toks[:max_new_tokens], dtype=np.int64))
+            out.append(row)
+        return out
+
+
+def test_leaks_are_confirmed_on_fresh_samples_not_on_the_ones_that_found_them(tiny_model_dir):
+    """Selection bias: T2 calls a member a leak because its samples happened to contain the item more often
+    than the unconditioned model's. Confirming the leak on those same samples would find the member's own
+    prompt above the look-alikes and, since perturbed prompts regress to the mean, classify chance as
+    "brittle memorization". On a model that memorised nobody, T5 must find no memorization."""
+    from ehrmem.audits.sensitive import SensitiveAudit, SensitiveConfig
+
+    ctx = _context(tiny_model_dir)
+    ctx.model = ChanceModel(ctx.tokenizer)
+    sampling = SamplingConfig(n_samples=20, horizon_events=5, population_samples=200)
+    t2 = (
+        SensitiveAudit(ctx, SensitiveConfig(categories=["hiv"], tiers=[10], n_bootstrap=100, min_positives=1), sampling)
+        .run()
+        .result
+    )
+    ctx.previous = {"T2": t2}
+    cfg = PerturbationConfig(n_perturbations=8, n_controls=5, min_controls=2, n_bootstrap=500)
+    res = PerturbationAudit(ctx, cfg, sampling).run().result
+    table = res.tables["perturbation"]
+    assert table.height >= 3, "the chance model should give T2 a few chance leaks"
+    base = t2.section["categories"]["hiv"]["unconditioned_rate"]
+    assert (table["r_discovery"] > base).all()  # selected for being above the population rate
+    # Fresh samples regress to the model's real rate: the winner's curse is visible, not baked in.
+    assert table["r_original"].mean() < table["r_discovery"].mean()
+    assert not (table["r_original"] == table["r_discovery"]).all()
+    assert res.section["classes"]["memorization"] == 0, table.select("r_discovery", "r_original", "class", "reason")
+    assert res.section["memorization_excess"]["significant"] is False

@@ -152,3 +152,41 @@ def test_gate_command_names_bad_threshold(finished_run, tmp_path):
     assert r.returncode == 2 and "no_such_threshold" in r.stderr
     r = _gate(tmp_path)
     assert r.returncode == 2 and "report.json" in r.stderr
+
+
+def test_t5_tests_canaries_against_twins(finished_run, canary_model):
+    """T5's own controls: every canary and every twin is tested as a leak of its sensitive code, with the
+    nearest other twins as look-alikes. Twins never count as real leaks, nor serve as their own control."""
+    import polars as pl
+
+    out, report = finished_run
+    _, model = canary_model
+    cs = load_canaries(model)
+    t5 = report["tests"]["T5"]
+    c = t5["canaries"]
+    assert c["status"] == "ok" and c["canary"]["n"] == 4 and c["twin"]["n"] == 4
+    for role in ("canary", "twin"):
+        assert sum(c[role][k] for k in ("memorization", "generalization", "inconclusive")) == 4
+    table = pl.read_parquet(out / "T5_perturbation.parquet")
+    rows = table.filter(pl.col("source").is_in(["canary", "twin"]))
+    twins = {t.subject_id for t in cs.twins}
+    by_id = {r.subject_id: r for r in cs.records}
+    for r in rows.iter_rows(named=True):
+        rec = by_id[r["subject_id"]]
+        assert r["source"] == rec.role and r["item"] == rec.sensitive_code
+        assert set(r["control_subject_ids"]) <= twins and r["subject_id"] not in r["control_subject_ids"]
+    # Real-patient figures leave the canaries out.
+    assert all(leak["subject_id"] >= 0 for leak in t5["leaks"])
+    assert t5["n_leaks_tested"] == table.filter(~pl.col("source").is_in(["canary", "twin"])).height
+
+
+def test_record_event_index_agrees_with_the_encoder(canary_model):
+    from ehrmem.audits.perturbation import record_event_index
+    from ehrmem.data.tokenizer import EventTokenizer
+
+    data, model = canary_model
+    ds = load_meds(data)
+    tok = EventTokenizer.load(model)
+    static = {tok.index[c] for c in ds.events.filter(ds.events["time"].is_null())["code"].unique() if c in tok.index}
+    for enc in tok.encode(ds.events)[:10]:
+        assert (record_event_index(enc.ids, tok.token_kind, static, unk_id=tok.unk_id) == enc.event_index).all()

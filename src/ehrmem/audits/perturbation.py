@@ -59,7 +59,10 @@ samples when those prompts were already sampled).
 
 Rates and risk
 --------------
-``r_original`` is the member's rate on the unperturbed prompt, ``r_member`` the pooled rate over the
+``r_original`` is the member's rate on the unperturbed prompt in fresh samples: the original prompt is
+re-sampled with a random stream of its own, because the samples that found the leak would confirm it by
+construction (a chance hit selected as a leak and then compared with perturbed prompts would look like a
+brittle, individual leak). ``r_discovery`` is the rate T1/T2 found. ``r_member`` is the pooled rate over the
 perturbed prompts' continuations, ``r_control`` the pooled rate over the controls' continuations, and
 ``survival = r_member / r_original``. The control-normalised risk is
 ``(r_member - r_control) / (1 - r_control)`` with the beta-resampling interval of
@@ -122,7 +125,7 @@ from ehrmem.data.prompts import (
 )
 from ehrmem.data.tokenizer import TIME_BUCKETS, EncodedSubject, EventTokenizer
 from ehrmem.errors import EhrmemError
-from ehrmem.stats import normalized_risk_ci
+from ehrmem.stats import clopper_pearson_interval, normalized_risk_ci
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,10 @@ class PerturbationConfig(BaseModel):
     generalization_margin: float = Field(0.2, ge=0, le=1, description="largest point risk for generalization")
     cluster_adjust: bool = Field(True, description="Rao-Scott design-effect adjustment of pooled counts")
     n_bootstrap: int = Field(2000, ge=100, description="Monte Carlo draws of the risk interval")
+    canaries: bool = Field(
+        True,
+        description="also test the model's canaries (positive control) and twins (negative control) when it has them",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PerturbationConfig:
@@ -503,8 +510,8 @@ def classify_leak(
     if not r_original:
         return done(
             "inconclusive",
-            "the member's unperturbed prompt did not produce the item when re-sampled (were T1/T2 run with "
-            "other sampling settings?)",
+            "the member's unperturbed prompt did not produce the item again in fresh samples: the leak T1/T2 "
+            "found did not replicate",
         )
     if not perturbed:
         return done("inconclusive", "no perturbation kind applies to this prompt")
@@ -619,6 +626,62 @@ def _bag(prompts: Sequence[np.ndarray], token_kind: np.ndarray, size: int) -> sp
     m = sp.csr_matrix((np.ones(row.size), (row, col)), shape=(len(prompts), size))
     m.sum_duplicates()
     return m
+
+
+def record_event_index(ids: np.ndarray, token_kind: np.ndarray, static_ids: set[int], *, unk_id: int) -> np.ndarray:
+    """:attr:`EncodedSubject.event_index` of a token sequence that was not encoded from MEDS events (a canary).
+
+    ``[BOS]`` and the leading static codes are -1; each code token starts the next timed event; a value-bin
+    token belongs to its code's event and a time-gap token to the event after it.
+    """
+    ev = np.empty(len(ids), dtype=np.int32)
+    e, static = -1, True
+    for t, tid in enumerate(np.asarray(ids)):
+        kind = int(token_kind[tid])
+        is_code = kind == 1 or tid == unk_id
+        if t == 0 and not is_code:
+            ev[t] = -1
+            continue
+        if static and is_code and int(tid) in static_ids:
+            ev[t] = -1
+            continue
+        static = False
+        if is_code:
+            e += 1
+            ev[t] = e
+        elif kind == 2:
+            ev[t] = e + 1
+        else:
+            ev[t] = max(e, 0)
+    return ev
+
+
+#: Chance that one leak with no individual effect is classified memorization: each of the two memorization
+#: rules needs a two-sided 95% interval above the margin (one-sided 2.5%), so at most 5% by the union bound.
+PER_LEAK_FALSE_MEMORIZATION = 0.05
+
+
+def memorization_excess(n_memorization: int, n_tested: int, alpha: float = PER_LEAK_FALSE_MEMORIZATION) -> dict:
+    """Are there more memorization classifications than chance alone would give among ``n_tested`` leaks?
+
+    One-sided binomial test of ``n_memorization`` against ``alpha`` per leak (the rules' false-positive
+    rate). Individual classifications are not corrected for testing many leaks; this count is.
+    """
+    from scipy.stats import binomtest
+
+    if n_tested == 0:
+        return {"status": "undefined", "reason": "no leak was tested", "p_value": None, "expected_by_chance": 0.0}
+    p = float(binomtest(n_memorization, n_tested, alpha, alternative="greater").pvalue)
+    return {
+        "status": "ok",
+        "reason": None,
+        "n_memorization": int(n_memorization),
+        "n_tested": int(n_tested),
+        "per_leak_false_positive_rate": alpha,
+        "expected_by_chance": alpha * n_tested,
+        "p_value": p,
+        "significant": p < 0.05,
+    }
 
 
 class PerturbationAudit(Audit):
@@ -773,7 +836,10 @@ class PerturbationAudit(Audit):
         sources = {s: (ctx.previous[s].status if s in ctx.previous else "not run") for s in ("T1", "T2")}
         usable = [s for s in cfg.sources if sources[s] not in ("not run", "skipped")]
         section = self._section_base(sources)
-        if not usable:
+        catalogue = self._catalogue()
+        cat_tokens = catalogue.category_codes(tok.vocab)
+        canary = self._canary_leaks(catalogue, cat_tokens) if cfg.canaries else None
+        if not usable and canary is None:
             result.status = "skipped"
             result.reason = (
                 "T1 and T2 did not run ("
@@ -784,45 +850,48 @@ class PerturbationAudit(Audit):
             result.tables["perturbation"] = self._empty_table()
             return result
 
-        catalogue = self._catalogue()
-        cat_tokens = catalogue.category_codes(tok.vocab)
-        leaks = self._find_leaks(usable, catalogue, cat_tokens, result)
+        leaks = self._find_leaks(usable, catalogue, cat_tokens, result) if usable else []
         found = {s: sum(lk.source == s for lk in leaks) for s in ("T1", "T2")}
         n_found = len(leaks)
         if n_found > cfg.max_leaks:
             result.warn(f"{n_found} leaks found; the {cfg.max_leaks} most harmful are tested (max_leaks)")
             leaks = leaks[: cfg.max_leaks]
         section.update(n_leaks_found=n_found, leaks_found_by_source=found)
-        if not leaks:
-            result.reason = "T1 and T2 found no leak to test (" + ", ".join(f"{s}: {sources[s]}" for s in usable) + ")"
-            result.section = {
-                **section,
-                "n_leaks_tested": 0,
-                "classes": dict.fromkeys(LEAK_CLASSES, 0),
-                "per_kind": {},
-                "leaks": [],
-            }
-            result.tables["perturbation"] = self._empty_table()
-            return result
 
-        data = self._involved_data(leaks, catalogue)
-        leaks = self._member_prompts(leaks, data)
         perturber = PromptPerturber(
             tok,
             hierarchy=CodeHierarchy.from_codes_table(ctx.dataset.codes) if ctx.dataset.codes is not None else None,
             protected=set().union(*cat_tokens.values()) if cat_tokens else set(),
-            static_codes=set(data.events.filter(pl.col(TIME).is_null())[CODE].unique().to_list()),
+            static_codes=set(ctx.dataset.events.filter(pl.col(TIME).is_null())[CODE].unique().to_list()),
             sibling_levels=cfg.sibling_levels,
             code_fraction=cfg.code_fraction,
             value_fraction=cfg.value_fraction,
             drop_fraction=cfg.drop_fraction,
         )
-        jobs, perturbed = self._perturbed_jobs(leaks, perturber)
-        controls, control_jobs = self._controls(leaks, data)
-        samples = sample_jobs(ctx, jobs + control_jobs, self.sampling, desc="T5 sampling")
-        rows = self._evaluate(leaks, perturbed, controls, samples, data, result)
+        # Real leaks and canaries are sampled together: one batched generation for all prompts.
+        parts: list[tuple[str, list[Leak], _Data]] = []
+        if leaks:
+            data = self._involved_data(leaks, catalogue)
+            parts.append(("leak", self._member_prompts(leaks, data), data))
+        if canary is not None:
+            parts.append(("canary", *canary))
+        jobs: list[tuple[Any, Prompt, str]] = []
+        planned = []
+        for ns, part_leaks, data in parts:
+            pjobs, perturbed = self._perturbed_jobs(part_leaks, perturber, ns)
+            controls, cjobs = self._controls(part_leaks, data)
+            jobs += pjobs + cjobs
+            planned.append((ns, part_leaks, data, perturbed, controls))
+        samples = sample_jobs(ctx, jobs, self.sampling, desc="T5 sampling") if jobs else {}
+        evaluated = {
+            ns: self._evaluate(part_leaks, perturbed, controls, samples, data, ns)
+            for ns, part_leaks, data, perturbed, controls in planned
+        }
+        rows = evaluated.get("leak", [])
+        canary_rows = evaluated.get("canary", [])
 
-        table = pl.DataFrame(rows, schema=self._schema(cfg.kinds)) if rows else self._empty_table()
+        all_rows = rows + canary_rows
+        table = pl.DataFrame(all_rows, schema=self._schema(cfg.kinds)) if all_rows else self._empty_table()
         classes = {c: int(sum(r["class"] == c for r in rows)) for c in LEAK_CLASSES}
         n_few = sum(r["n_controls"] < cfg.min_controls for r in rows)
         if n_few:
@@ -830,27 +899,36 @@ class PerturbationAudit(Audit):
                 f"{n_few} of {len(rows)} leaks had fewer than {cfg.min_controls} look-alike non-member controls "
                 "and are inconclusive"
             )
-        result.section = {
-            **section,
-            "n_leaks_tested": len(rows),
-            "classes": classes,
-            "by_category": self._by_category(rows),
-            "patterns": {p: int(sum(r["pattern"] == p for r in rows)) for p in ("robust", "brittle")},
-            "per_kind": self._per_kind(rows),
-            "controls": {
+        pool = parts[0][2].pool if leaks else []
+        section.update(
+            n_leaks_tested=len(rows),
+            classes=classes,
+            memorization_excess=memorization_excess(classes["memorization"], len(rows)),
+            by_category=self._by_category(rows),
+            patterns={p: int(sum(r["pattern"] == p for r in rows)) for p in ("robust", "brittle")},
+            per_kind=self._per_kind(rows),
+            controls={
                 "pool": cfg.control_pool,
-                "pool_size": len(data.pool),
+                "pool_size": len(pool),
                 "per_leak": cfg.n_controls,
                 "similarity": "cosine distance between bags of prompt codes (scikit-learn NearestNeighbors)",
                 "leaks_with_too_few": n_few,
             },
             # Subject ids with categories only: a T1 leak's exact code stays in the per-subject table.
-            "leaks": [
+            leaks=[
                 {**{k: r[k] for k in SUMMARY_KEYS}, "item": r["item"] if r["source"] == "T2" else "rare code"}
                 for r in rows
             ],
-        }
-        if not data.pool:
+            canaries=self._canary_summary(canary_rows) if canary is not None else {"status": "absent"},
+        )
+        result.section = section
+        if not leaks:
+            result.reason = (
+                "T1 and T2 found no leak to test ("
+                + (", ".join(f"{s}: {sources[s]}" for s in usable) or "neither ran")
+                + ")"
+            )
+        elif not pool:
             result.status = "undefined"
             result.reason = "no non-member could serve as a look-alike control, so no leak can be classified"
         else:
@@ -858,8 +936,103 @@ class PerturbationAudit(Audit):
                 f"{len(rows)} leaks tested: {classes['memorization']} memorization, "
                 f"{classes['generalization']} generalization, {classes['inconclusive']} inconclusive"
             )
+        if canary is not None:
+            c = section["canaries"]
+            result.reason += (
+                f"; canaries (positive control): {c['canary']['memorization']} of {c['canary']['n']} memorization, "
+                f"twins (negative control): {c['twin']['memorization']} of {c['twin']['n']}"
+            )
         result.tables["perturbation"] = table
         return result
+
+    # ------------------------------------------------------------------ canaries
+    def _canary_leaks(self, catalogue: Catalogue, cat_tokens: dict[str, set[int]]) -> tuple[list[Leak], _Data] | None:
+        """Every canary (trained) and twin (never trained) as a leak to test, the twins as the control pool.
+
+        The item is the record's sensitive code, the prompt its prefix (whole events, as T1/T2 prompts end).
+        Canaries should be classified memorization; twins, tested the same way against the other twins,
+        show how often the rules call a record the model never saw "memorization".
+        """
+        from ehrmem.models.canaries import load_canaries
+
+        ctx, tok = self.context, self.context.tokenizer
+        if ctx.model_dir is None:
+            return None
+        cs = load_canaries(ctx.model_dir, tok)
+        if cs is None:
+            return None
+        static_ids = {
+            tok.index[c]
+            for c in ctx.dataset.events.filter(pl.col(TIME).is_null())[CODE].unique().to_list()
+            if c in tok.index
+        }
+        category = {}
+        codes = sorted({c.sensitive_code for c in cs.records})
+        hits = catalogue.match(codes)
+        for j, code in enumerate(codes):
+            category[code] = next((name for name in catalogue.names if hits[name][j]), None)
+        encoded: dict[int, EncodedSubject] = {}
+        leaks = []
+        for c in cs.records:
+            ev = record_event_index(c.ids, tok.token_kind, static_ids, unk_id=tok.unk_id)
+            enc = EncodedSubject(subject_id=c.subject_id, ids=c.ids, event_index=ev)
+            encoded[c.subject_id] = enc
+            k = int(ev[c.prefix_length]) if c.prefix_length < len(ev) else enc.n_events  # the secret's event
+            pt = prompt_tokens(enc, k, max_prompt_tokens=self._max_prompt, policy=self.sampling.truncation)
+            if pt is None:
+                continue
+            cat = category.get(c.sensitive_code)
+            tier = catalogue.harm_tier(cat) if cat is not None else None
+            leaks.append(
+                Leak(
+                    source=c.role,
+                    subject_id=c.subject_id,
+                    k_events=k,
+                    item=c.sensitive_code,
+                    category=cat,
+                    tokens=np.array([tok.index[c.sensitive_code]], dtype=np.int64),
+                    cut_event=None,
+                    purpose="T5/canary",
+                    recorded_rate=None,
+                    harm_rank=HARM_TIERS.index(tier) if tier in HARM_TIERS else len(HARM_TIERS),
+                    ids=pt[0],
+                    event_index=pt[1],
+                    truncated=pt[2],
+                )
+            )
+        first_of: dict[str, dict[int, int]] = {}
+        for c in cs.twins:
+            ev = encoded[c.subject_id].event_index
+            for t in np.unique(c.secret):
+                first_of.setdefault(f"twin:{tok.vocab[int(t)]}", {})[c.subject_id] = int(ev[c.prefix_length])
+                first_of.setdefault(f"canary:{tok.vocab[int(t)]}", {})[c.subject_id] = int(ev[c.prefix_length])
+        data = _Data(
+            events=ctx.dataset.events.head(0),
+            encoded=encoded,
+            pool=sorted(c.subject_id for c in cs.twins),
+            first_of=first_of,
+        )
+        return leaks, data
+
+    @staticmethod
+    def _canary_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": "ok",
+            "controls": "the other twins nearest by bag of prompt codes (records built the same way, never trained)",
+            "item": "the record's sensitive code, right after its prefix",
+        }
+        for role in ("canary", "twin"):
+            rr = [r for r in rows if r["source"] == role]
+            mem = sum(r["class"] == "memorization" for r in rr)
+            lo, hi = clopper_pearson_interval(mem, len(rr)) if rr else (None, None)
+            out[role] = {
+                "n": len(rr),
+                **{c: int(sum(r["class"] == c for r in rr)) for c in LEAK_CLASSES},
+                "memorization_rate": mem / len(rr) if rr else None,
+                "memorization_rate_ci95": [lo, hi] if rr else None,
+                "mean_r_original": float(np.mean([r["r_original"] or 0.0 for r in rr])) if rr else None,
+            }
+        return out
 
     # ------------------------------------------------------------------ stages
     def _find_leaks(
@@ -932,14 +1105,17 @@ class PerturbationAudit(Audit):
         return kept
 
     def _perturbed_jobs(
-        self, leaks: list[Leak], perturber: PromptPerturber
+        self, leaks: list[Leak], perturber: PromptPerturber, ns: str = "leak"
     ) -> tuple[list[tuple[Any, Prompt, str]], dict[int, list[tuple[str, bytes]]]]:
-        """Sampling jobs of each leak's original and perturbed prompts; the kind and ids of each perturbation."""
+        """Sampling jobs of each leak's original and perturbed prompts; the kind and ids of each perturbation.
+
+        Job keys start with ``ns`` so that several lists of leaks can be sampled in one batch."""
         ctx, cfg = self.context, self.config
         jobs: list[tuple[Any, Prompt, str]] = []
         perturbed: dict[int, list[tuple[str, bytes]]] = {}
         for i, lk in enumerate(leaks):
-            jobs.append((("orig", i), lk.prompt(), lk.purpose))
+            # A fresh random stream: the samples that found the leak would confirm it by construction.
+            jobs.append(((ns, "orig", i), lk.prompt(), f"T5/replicate/{lk.item_key}"))
             exclude = frozenset(int(t) for t in lk.tokens)
             kinds = [kd for kd in cfg.kinds if perturber.applicable(kd, lk.ids, lk.event_index, exclude)]
             perturbed[i] = []
@@ -953,7 +1129,7 @@ class PerturbationAudit(Audit):
                         f"internal error: perturbation {kd} of subject {lk.subject_id}'s prompt failed or "
                         f"introduced the leaked item {lk.item}; please report this"
                     )
-                jobs.append((("pert", i, j), lk.prompt(ids), tag))
+                jobs.append(((ns, "pert", i, j), lk.prompt(ids), tag))
                 perturbed[i].append((kd, ids.tobytes()))
         return jobs, perturbed
 
@@ -1000,11 +1176,14 @@ class PerturbationAudit(Audit):
                 continue
             x = _bag([c[1].ids for c in cand], tok.token_kind, tok.vocab_size)
             q = _bag([leaks[i].ids for i in members], tok.token_kind, tok.vocab_size)
-            nn = NearestNeighbors(n_neighbors=min(cfg.n_controls, len(cand)), metric="cosine", algorithm="brute")
+            # One neighbour more than needed, in case the pool holds the leak's own subject (a twin among twins).
+            nn = NearestNeighbors(n_neighbors=min(cfg.n_controls + 1, len(cand)), metric="cosine", algorithm="brute")
             dist, idx = nn.fit(x).kneighbors(q)
             for row, i in enumerate(members):
                 for d, j in zip(dist[row], idx[row], strict=True):
                     s, p, purpose = cand[int(j)]
+                    if s == leaks[i].subject_id or len(controls[i]) == cfg.n_controls:
+                        continue
                     controls[i].append((s, float(d)))
                     jobs[("ctrl", s, k, item_key)] = (p, purpose)
         return controls, [(key, p, purpose) for key, (p, purpose) in jobs.items()]
@@ -1016,18 +1195,15 @@ class PerturbationAudit(Audit):
         controls: dict[int, list[tuple[int, float]]],
         samples: dict,
         data: _Data,
-        result: TestResult,
+        ns: str = "leak",
     ) -> list[dict[str, Any]]:
         """One table row per leak: rates, risks, class and the evidence behind it."""
         ctx, cfg = self.context, self.config
-        rows, drift = [], 0
+        rows = []
         for i, lk in enumerate(leaks):
-            original = _hit(samples[("orig", i)], lk.tokens)
-            rate = original[0] / original[1] if original[1] else None
-            if lk.recorded_rate is not None and rate is not None and abs(rate - lk.recorded_rate) > 1e-9:
-                drift += 1
+            original = _hit(samples[(ns, "orig", i)], lk.tokens)
             kinds = [kd for kd, _ in perturbed[i]]
-            pert = [_hit(samples[("pert", i, j)], lk.tokens) for j in range(len(kinds))]
+            pert = [_hit(samples[(ns, "pert", i, j)], lk.tokens) for j in range(len(kinds))]
             ctrl = [_hit(samples[("ctrl", s, lk.k_events, lk.item_key)], lk.tokens) for s, _ in controls[i]]
             seed = prompt_seed(ctx.seed, lk.subject_id, lk.k_events, f"T5-risk/{lk.item_key}")
             ev = classify_leak(original, pert, ctrl, cfg, seed=seed)
@@ -1046,6 +1222,7 @@ class PerturbationAudit(Audit):
                     "k_events": lk.k_events,
                     "item": lk.item,
                     "category": lk.category,
+                    "r_discovery": lk.recorded_rate,
                     **{k: ev[k] for k in EVIDENCE_KEYS},
                     "n_distinct_perturbed": len({ids for _, ids in perturbed[i]}),
                     "control_subject_ids": ctrl_ids,
@@ -1055,11 +1232,6 @@ class PerturbationAudit(Audit):
                     "prompt_truncated": lk.truncated,
                     **per_kind,
                 }
-            )
-        if drift:
-            result.warn(
-                f"{drift} leaks were reproduced at another rate than T1/T2 recorded when their prompt was "
-                "re-sampled: T1/T2 probably ran with other sampling settings."
             )
         return rows
 
@@ -1100,6 +1272,7 @@ class PerturbationAudit(Audit):
             "k_events": pl.Int64,
             "item": pl.String,
             "category": pl.String,
+            "r_discovery": pl.Float64,
             "r_original": pl.Float64,
             "r_member": pl.Float64,
             "r_control": pl.Float64,
@@ -1167,6 +1340,7 @@ SUMMARY_KEYS = (
     "r_member",
     "r_control",
     "survival",
+    "r_discovery",
     "n_perturbed",
     "n_controls",
     "reason",

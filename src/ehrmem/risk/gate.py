@@ -112,6 +112,15 @@ class GateThresholds(BaseModel):
             "unseen patients too, since the disclosure harms them either way."
         ),
     )
+    t5_fail_on_memorization: bool = Field(
+        True,
+        description=(
+            "Fail when T5 classifies more of the tested leaks as memorization than chance alone would (one-sided "
+            "binomial test at 5% against the classification rules' per-leak false-positive rate): leaks tied to "
+            "individual records, not explained by look-alike patients. A single memorization class among many "
+            "leaks is expected by chance and does not fail the gate on its own."
+        ),
+    )
     require_positive_control: bool = Field(
         False,
         description=(
@@ -374,6 +383,60 @@ def _t2_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
     return out
 
 
+def _t5_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
+    status, t5 = _test(report, "T5")
+    name = "T5 leaks classified memorization (beyond chance)"
+    threshold = "p >= 0.05 (one-sided binomial)"
+    if not th.t5_fail_on_memorization:
+        return [_check(name, "leakage", "T5", "skipped", None, threshold, "disabled by t5_fail_on_memorization")]
+    if t5 is None or status == "skipped":
+        why = "T5 was not run" if t5 is None else f"T5 was skipped: {t5.get('reason')}"
+        return [_check(name, "leakage", "T5", "skipped", None, threshold, why)]
+    out = []
+    me = t5.get("memorization_excess") or {}
+    if status != "ok" or me.get("status") != "ok":
+        out.append(
+            _check(name, "leakage", "T5", "undefined", None, threshold, me.get("reason") or str(t5.get("reason")))
+        )
+    else:
+        st = "fail" if me.get("significant") else "pass"
+        out.append(
+            _check(
+                name,
+                "leakage",
+                "T5",
+                st,
+                me["n_memorization"],
+                threshold,
+                f"{me['n_memorization']} of {me['n_tested']} tested leaks classified memorization, "
+                f"{me['expected_by_chance']:.1f} expected by chance (p {_fmt(me['p_value'])})",
+            )
+        )
+    twins = ((t5.get("canaries") or {}).get("twin")) or {}
+    if twins.get("n"):
+        # Informational, like the negative control below: twins classed memorization cast doubt on the rules.
+        n, k = int(twins["n"]), int(twins.get("memorization", 0))
+        expected = 0.05 * n
+        ok = k <= max(1.0, 2 * expected)
+        out.append(
+            _check(
+                "T5 negative control (never-trained twins not classed memorization)",
+                "info",
+                "T5",
+                "pass" if ok else "fail",
+                k,
+                n,
+                f"{k} of {n} twins classified memorization"
+                + (
+                    ""
+                    if ok
+                    else ": T5's rules call records the model never saw memorization; treat its classes as unreliable"
+                ),
+            )
+        )
+    return out
+
+
 def _controls(report: dict) -> dict:
     c = report.get("controls")
     return c if isinstance(c, dict) else {}
@@ -492,7 +555,13 @@ def evaluate_gate(report: dict, thresholds: GateThresholds | None = None) -> dic
         not evaluated) and ``detail``), ``not_evaluated`` (tests skipped or missing) and ``thresholds``.
     """
     th = thresholds or GateThresholds()
-    checks = _t4_checks(report, th) + _t1_checks(report, th) + _t2_checks(report, th) + _power_checks(report, th)
+    checks = (
+        _t4_checks(report, th)
+        + _t1_checks(report, th)
+        + _t2_checks(report, th)
+        + _t5_checks(report, th)
+        + _power_checks(report, th)
+    )
     leak = [c for c in checks if c["kind"] == "leakage"]
     power = [c for c in checks if c["kind"] == "power"]
     failed = [c for c in leak if c["status"] == "fail"]
