@@ -176,30 +176,51 @@ def test_subjects_without_timed_events_are_not_audited():
 # ---------------------------------------------------------------------------------------------- matching
 def test_match_on_length_picks_the_nearest_partners():
     b = np.array([1, 10, 50, 100, 1000, 12])
-    keep = match_on_length(np.array([10, 100]), b, max_ratio=1)
-    assert np.flatnonzero(keep).tolist() == [1, 3]
-    keep2 = match_on_length(np.array([10, 100]), b, max_ratio=2)
-    assert np.flatnonzero(keep2).tolist() == [1, 2, 3, 5]
+    keep, k = match_on_length(np.array([10, 100]), b, max_ratio=1)
+    assert np.flatnonzero(keep).tolist() == [1, 3] and k == 1
+    keep2, k2 = match_on_length(np.array([10, 100]), b, max_ratio=2, balance=np.inf)
+    assert np.flatnonzero(keep2).tolist() == [1, 2, 3, 5] and k2 == 2
     # Without replacement: two subjects of length 10 cannot share one partner.
-    assert np.flatnonzero(match_on_length(np.array([10, 10]), np.array([10, 11, 1000]))).tolist() == [0, 1]
+    keep3, _ = match_on_length(np.array([10, 10]), np.array([10, 11, 1000]))
+    assert np.flatnonzero(keep3).tolist() == [0, 1]
 
 
 def test_match_on_length_edge_cases():
-    assert not match_on_length(np.array([]), np.array([1, 2])).any()
-    assert not match_on_length(np.array([3]), np.array([], dtype=int)).any()
-    # The ratio defaults to len(b) // len(a).
-    assert match_on_length(np.array([5, 50]), np.arange(1, 8)).sum() == 6
+    assert not match_on_length(np.array([]), np.array([1, 2]))[0].any()
+    assert not match_on_length(np.array([3]), np.array([], dtype=int))[0].any()
+    # Without a balance target the ratio is len(b) // len(a).
+    keep, k = match_on_length(np.array([5, 50]), np.arange(1, 8), balance=np.inf)
+    assert keep.sum() == 6 and k == 3
 
 
 def test_match_on_length_improves_balance_on_a_skewed_example():
     rng = np.random.default_rng(0)
     short = np.round(rng.lognormal(3.0, 0.5, size=30)).astype(int)
     long = np.round(rng.lognormal(4.0, 1.0, size=200)).astype(int)
-    keep = match_on_length(short, long, max_ratio=2)
-    assert keep.sum() == 60
+    keep, k = match_on_length(short, long, max_ratio=2)
+    assert keep.sum() == 30 * k
     before, after = abs(log_smd(long, short)), abs(log_smd(long[keep], short))
     assert before > 0.8
     assert after < 0.2 * before
+
+
+def test_match_on_length_takes_the_largest_balanced_ratio():
+    """Four members per non-member, members somewhat longer: taking every member (ratio 4) leaves the
+    imbalance as it was, which is what a matching that never drops anyone does. The ratio falls until the
+    groups are balanced."""
+    rng = np.random.default_rng(1)
+    non = np.round(rng.lognormal(8.0, 0.8, size=20)).astype(int)
+    mem = np.round(rng.lognormal(8.4, 0.8, size=80)).astype(int)
+    before = abs(log_smd(mem, non))
+    assert before > 0.3
+    full, _ = match_on_length(non, mem, balance=np.inf)
+    assert full.all() and abs(log_smd(mem[full], non)) == pytest.approx(before)  # ratio 4 keeps everyone
+    keep, k = match_on_length(non, mem)
+    assert k < 4 and keep.sum() == 20 * k
+    assert abs(log_smd(mem[keep], non)) <= 0.1
+    if k < 3:  # the largest balanced ratio: one more partner each would break the target
+        wider, _ = match_on_length(non, mem, max_ratio=k + 1, balance=np.inf)
+        assert abs(log_smd(mem[wider], non)) > 0.1
 
 
 def test_build_cohort_records_matching_and_its_balance():

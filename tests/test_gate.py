@@ -18,6 +18,7 @@ from ehrmem.data.cohort import Cohort
 from ehrmem.data.prompts import PromptSet, tier_name
 from ehrmem.report.build import build_report
 from ehrmem.risk import GateThresholds, evaluate_gate, risk_matrix
+from ehrmem.stats import auc_comparison
 
 N_BOOT = 100
 
@@ -84,7 +85,7 @@ def _t2(rng, member_signal: float, nonmember_signal: float = 0.0, n: int = 40) -
             share = np.clip(rng.random(n) * 0.5 + sig * y, 0, 1)
             te[grp] = _group_metrics(y, share, 0.1, cfg, 0)
         m, nn = te["members"], te["nonmembers"]
-        te["leak_signal"] = bool(m["auroc_ci95"][0] > 0.5 and m["auroc"] > nn["auroc_ci95"][1])
+        te["leak_signal"] = auc_comparison(m, nn)["verdict"] == "memorization"
         entry["by_tier"]["static"] = te
         entry.update(status="ok", reason=None)
         cats[name] = entry
@@ -343,3 +344,30 @@ def test_t5_twins_classed_memorization_are_flagged_not_failed():
     assert any("twins" in r for r in gate["reasons"])
     calm = evaluate_gate({"tests": {"T5": _t5_section(0, 50, twin_memorization=1)}, "cohort": {"n_nonmembers": 100}})
     assert next(c for c in calm["checks"] if c["kind"] == "info" and c["test"] == "T5")["status"] == "pass"
+
+
+def test_risk_matrix_does_not_call_members_alone_memorisation():
+    """Members above chance with too few non-members to compare is unresolved (medium), never a memorisation
+    signal, and the explanation says what could not be compared; members alike non-members is population."""
+    m = {"status": "ok", "auroc": 0.74, "auroc_ci95": [0.61, 0.85]}
+    undefined = {"status": "undefined", "reason": "too few", "auroc": None, "auroc_ci95": None}
+    alike = {"status": "ok", "auroc": 0.72, "auroc_ci95": [0.55, 0.88]}
+    below = {"status": "ok", "auroc": 0.50, "auroc_ci95": [0.45, 0.55]}
+
+    def report(nonmembers):
+        t2 = {
+            "categories": {
+                "hiv": {"harm_tier": "stigmatised", "by_tier": {"10": {"members": m, "nonmembers": nonmembers}}}
+            }
+        }
+        return {"tests": {"T2": {"status": "ok", **t2}}}
+
+    hiv = risk_matrix(report(undefined))["categories"]["hiv"]
+    assert hiv["likelihood"] == "medium" and not hiv["evidence"]["signals"] and hiv["evidence"]["unresolved"]
+    assert "too few patients it never saw" in hiv["explanation"]
+    assert "more often than for patients it never saw" not in hiv["explanation"]
+    pop = risk_matrix(report(alike))["categories"]["hiv"]
+    assert pop["likelihood"] == "low" and pop["evidence"]["population_level"] == ["T2@10"]
+    mem = risk_matrix(report(below))["categories"]["hiv"]
+    assert mem["likelihood"] == "high" and mem["evidence"]["signals"][0]["p_member_excess"] < 0.05
+    assert "more often than for patients it never saw" in mem["explanation"]

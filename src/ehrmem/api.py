@@ -199,6 +199,7 @@ def run_audit(
         nonmember_splits=cfg.nonmember_splits,
         match_length=cfg.match_length,
         max_ratio=cfg.max_match_ratio,
+        balance=cfg.match_balance,
     )
     audited_ids = cohort.audited[SUBJECT_ID].to_list()
     encoded = {

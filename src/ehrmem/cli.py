@@ -209,7 +209,7 @@ def audit(
     from ehrmem.config import load_config
 
     try:
-        t4 = {}
+        t4: dict[str, str | bool | None] = {}
         if reference_model is not None:
             t4["reference_model"] = str(reference_model)
         if reference_split is not None:

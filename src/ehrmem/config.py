@@ -54,7 +54,10 @@ class AuditConfig(BaseModel):
     member_splits: list[str] = Field(default_factory=lambda: ["train"])
     nonmember_splits: list[str] = Field(default_factory=lambda: ["tuning", "held_out"])
     match_length: bool = True
-    max_match_ratio: int | None = Field(None, ge=1)
+    max_match_ratio: int | None = Field(None, ge=1, description="most partners per subject of the smaller group")
+    match_balance: float = Field(
+        0.1, gt=0, description="largest |SMD| of log record length accepted when choosing the matching ratio"
+    )
     value_column: str = "numeric_value"
     split_source: Literal["file", "directories", "none"] = "file"
     allow_pickle: bool = False

@@ -25,7 +25,7 @@ the target FPR (or lies below it).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -174,13 +174,13 @@ def _measure(
 
     leakage = {
         "sensitive_code": {
-            "canaries": float(can["sensitive_leak_rate"].mean()) if can.height else None,
-            "twins": float(twin["sensitive_leak_rate"].mean()) if twin.height else None,
+            "canaries": float(cast(float, can["sensitive_leak_rate"].mean())) if can.height else None,
+            "twins": float(cast(float, twin["sensitive_leak_rate"].mean())) if twin.height else None,
             "auc": _auc(labels, table["sensitive_leak_rate"].to_numpy(), cfg, seed),
         },
         "secret_recall": {
-            "canaries": float(can["secret_recall"].mean()) if can.height else None,
-            "twins": float(twin["secret_recall"].mean()) if twin.height else None,
+            "canaries": float(cast(float, can["secret_recall"].mean())) if can.height else None,
+            "twins": float(cast(float, twin["secret_recall"].mean())) if twin.height else None,
             "auc": _auc(labels, table["secret_recall"].to_numpy(), cfg, seed),
         },
         "n_samples": cfg.n_samples,
@@ -209,12 +209,12 @@ def _measure(
             "passed": bool(positive_passed),
             "min_canary_tpr": cfg.min_canary_tpr,
             "tpr_at_target_fpr": canary_tpr,
-            "mean_exposure_bits": float(can["exposure_bits"].mean()) if can.height else None,
+            "mean_exposure_bits": float(cast(float, can["exposure_bits"].mean())) if can.height else None,
         },
         "negative_control": {
             "passed": bool(negative_passed),
             "twin_detection_rate": twin_fpr,
-            "mean_exposure_bits": float(twin["exposure_bits"].mean()) if twin.height else None,
+            "mean_exposure_bits": float(cast(float, twin["exposure_bits"].mean())) if twin.height else None,
             "twins_vs_never_seen": twins_vs_never_seen,
         },
         "exposure": {

@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +25,8 @@ from ehrmem.data.tokenizer import EventTokenizer
 logger = logging.getLogger(__name__)
 
 STATIC_PREFIXES = ("GENDER//", "MEDS_BIRTH")
+
+K = TypeVar("K", bound=Hashable)
 
 
 class SamplingConfig(BaseModel):
@@ -108,11 +111,11 @@ def sample_prompts(
 
 def sample_jobs(
     context: AuditContext,
-    jobs: Sequence[tuple[Hashable, Prompt, str]],
+    jobs: Sequence[tuple[K, Prompt, str]],
     cfg: SamplingConfig,
     *,
     desc: str,
-) -> dict[Hashable, list[np.ndarray]]:
+) -> dict[K, list[np.ndarray]]:
     """:func:`sample_prompts` for prompts that each carry their own key and purpose, batched together.
 
     ``jobs`` are ``(key, prompt, purpose)``; each prompt's random stream comes from (seed, subject, tier,
@@ -127,7 +130,7 @@ def sample_jobs(
     def cache_key(p: Prompt, purpose: str) -> tuple:
         return (purpose, p.subject_id, p.k_events, hashlib.sha1(p.ids.tobytes()).hexdigest(), settings)
 
-    out: dict[Hashable, list[np.ndarray]] = {}
+    out: dict[K, list[np.ndarray]] = {}
     todo = []
     for key, p, purpose in jobs:
         hit = context.sample_cache.get(cache_key(p, purpose))

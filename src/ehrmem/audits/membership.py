@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import polars as pl
@@ -224,8 +224,8 @@ class MembershipAudit(Audit):
                 f"TPR at FPR {', '.join(refused)} refused: too few non-members to resolve that rate "
                 f"({cohort.height - int(labels.sum())} audited)."
             )
-        unk_m = float(table.filter(pl.col("member") == 1)["unk_rate"].mean() or 0.0)
-        unk_n = float(table.filter(pl.col("member") == 0)["unk_rate"].mean() or 0.0)
+        unk_m = float(cast("float | None", table.filter(pl.col("member") == 1)["unk_rate"].mean()) or 0.0)
+        unk_n = float(cast("float | None", table.filter(pl.col("member") == 0)["unk_rate"].mean()) or 0.0)
         if unk_n > 2 * unk_m + 0.01:
             result.warn(
                 f"Non-members have more unknown tokens than members ({unk_n:.3f} vs {unk_m:.3f} of scored tokens). "

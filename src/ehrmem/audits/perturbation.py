@@ -130,7 +130,7 @@ from ehrmem.stats import clopper_pearson_interval, normalized_risk_ci
 logger = logging.getLogger(__name__)
 
 PerturbationKind = Literal["sibling_codes", "age_shift", "value_bin_shift", "drop_events", "swap_demographics"]
-PERTURBATION_KINDS: tuple[str, ...] = (
+PERTURBATION_KINDS: tuple[PerturbationKind, ...] = (
     "sibling_codes",
     "age_shift",
     "value_bin_shift",
@@ -166,13 +166,16 @@ LIMITATIONS = [
 ]
 
 
+DEFAULT_SOURCES: tuple[Literal["T1", "T2"], ...] = ("T1", "T2")
+
+
 class PerturbationConfig(BaseModel):
     """Settings of T5."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    sources: list[Literal["T1", "T2"]] = Field(default_factory=lambda: ["T1", "T2"])
+    sources: list[Literal["T1", "T2"]] = Field(default_factory=lambda: list(DEFAULT_SOURCES))
     max_leaks: int = Field(50, ge=1, description="leaks tested at most, most harmful first")
     n_perturbations: int = Field(8, ge=1, description="perturbed prompts per leak, spread over the kinds")
     kinds: list[PerturbationKind] = Field(default_factory=lambda: list(PERTURBATION_KINDS))
@@ -546,7 +549,7 @@ def classify_leak(
         and lo_orig <= m
         and max(out["risk"], out["risk_original"]) <= g
     )
-    if comparable and robust and r_control > 0:
+    if comparable and robust and r_control is not None and r_control > 0:
         return done(
             "generalization",
             f"look-alike non-members produce it at a comparable rate (risks at most {g}, intervals reach {m}) "
@@ -1036,7 +1039,7 @@ class PerturbationAudit(Audit):
 
     # ------------------------------------------------------------------ stages
     def _find_leaks(
-        self, usable: list[str], catalogue: Catalogue, cat_tokens: dict[str, set[int]], result: TestResult
+        self, usable: Sequence[str], catalogue: Catalogue, cat_tokens: dict[str, set[int]], result: TestResult
     ) -> list[Leak]:
         """Every leak of T1 and T2, most harmful first."""
         code_category: dict[int, str] = {}
@@ -1237,7 +1240,7 @@ class PerturbationAudit(Audit):
 
     def _per_kind(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Robustness of the leaks to each perturbation kind."""
-        out = {}
+        out: dict[str, Any] = {}
         for kd in self.config.kinds:
             used = [r for r in rows if r[f"n_{kd}"]]
             surv = [r[f"r_{kd}"] / r["r_original"] for r in used if r["r_original"]]

@@ -75,6 +75,7 @@ from ehrmem.stats import auc_summary, auprc_summary
 logger = logging.getLogger(__name__)
 
 ProbeName = Literal["logistic", "mlp"]
+DEFAULT_PROBES: tuple[ProbeName, ...] = ("logistic", "mlp")
 FEATURES = ("embedding", "bag_of_codes")
 MLP_HIDDEN = (64,)
 MLP_ALPHA = 1e-3
@@ -90,7 +91,7 @@ class ProbingConfig(BaseModel):
     enabled: bool = True
     tiers: list[int] = Field(default_factory=lambda: list(DEFAULT_TIERS), description="timed events per prompt")
     pooling: Pooling = "mean"
-    probes: list[ProbeName] = Field(default_factory=lambda: ["logistic", "mlp"], min_length=1)
+    probes: list[ProbeName] = Field(default_factory=lambda: list(DEFAULT_PROBES), min_length=1)
     n_folds: int = Field(5, ge=2, description="stratified folds over members")
     min_positives: int = Field(
         5, ge=1, description="fewest subjects with and without the category in a split for a reported metric"
@@ -587,11 +588,12 @@ class ProbingAudit(Audit):
         for tier, undefined in undefined_by_tier.items():
             if undefined:
                 grouped.setdefault(tuple(undefined), []).append(tier)
-        for undefined, tiers in grouped.items():
+        for undefined_group, tiers in grouped.items():
             result.warn(
-                f"tier{'s' if len(tiers) > 1 else ''} {', '.join(tiers)}: {len(undefined)} of {len(names)} categories "
-                f"have an undefined probe metric (fewer than {max(cfg.min_positives, cfg.n_folds)} member or "
-                f"{cfg.min_positives} non-member subjects with or without the category): {', '.join(undefined)}"
+                f"tier{'s' if len(tiers) > 1 else ''} {', '.join(tiers)}: {len(undefined_group)} of {len(names)} "
+                f"categories have an undefined probe metric (fewer than {max(cfg.min_positives, cfg.n_folds)} member "
+                f"or {cfg.min_positives} non-member subjects with or without the category): "
+                f"{', '.join(undefined_group)}"
             )
         if not_converged:
             result.warn(
@@ -634,7 +636,7 @@ class ProbingAudit(Audit):
             if m_pos >= cfg.min_positives and m_neg >= cfg.min_positives:
                 why += f" (n_folds={cfg.n_folds} stratified folds)"
             why_n = "no probe could be trained: " + why
-            out = {
+            out: dict[str, Any] = {
                 probe: {
                     "members": _undefined_entry(m_pos, m_neg, why),
                     "nonmembers": _undefined_entry(n_pos, n_neg, why_n),
@@ -651,7 +653,7 @@ class ProbingAudit(Audit):
             "bag_of_codes": bag_of_codes(cp.prompts, ctx.tokenizer.token_kind),
         }
         idx_m, idx_n = np.flatnonzero(is_m), np.flatnonzero(~is_m)
-        out: dict[str, Any] = {}
+        out = {}
         frames = []
         not_converged = n_fits = 0
         for probe in cfg.probes:

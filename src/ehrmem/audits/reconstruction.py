@@ -18,7 +18,7 @@ samples to the patient's truth says how close a continuation gets with no knowle
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import polars as pl
@@ -176,14 +176,14 @@ class ReconstructionAudit(Audit):
         rows = []
         pairs, pair_keys = [], []
         for key, evs in gens.items():
-            t = arrays(truths[key])
+            truth_arrays = arrays(truths[key])
             for j, ev in enumerate(evs):
-                pairs.append((arrays(ev), t))
+                pairs.append((arrays(ev), truth_arrays))
                 pair_keys.append((key, "sample", j))
             for j, ev in enumerate(population):
                 if j >= eff["n_samples"]:
                     break
-                pairs.append((arrays(ev), t))
+                pairs.append((arrays(ev), truth_arrays))
                 pair_keys.append((key, "population", j))
         dist = emd_many(pairs, cd.matrix, time_weight=cfg.time_weight)
         per_key: dict[tuple[int, int], dict[str, list[float]]] = {}
@@ -322,8 +322,8 @@ class ReconstructionAudit(Audit):
                 else (non[name].drop_nulls() if sub.height else pl.Series([]))
             )
             out[name] = {
-                "members": float(col_m.mean()) if col_m.len() else None,
-                "nonmembers": float(col_n.mean()) if col_n.len() else None,
+                "members": float(cast(float, col_m.mean())) if col_m.len() else None,
+                "nonmembers": float(cast(float, col_n.mean())) if col_n.len() else None,
             }
         rare = {}
         for grp, frame in (("members", mem), ("nonmembers", non)):

@@ -27,7 +27,7 @@ from ehrmem.data.catalogue import Catalogue, load_catalogue
 from ehrmem.data.meds import CODE, SUBJECT_ID
 from ehrmem.data.prompts import DEFAULT_TIERS, build_prompts, category_first_events, tier_name
 from ehrmem.errors import EhrmemError, InputError
-from ehrmem.stats import auc_summary, auprc_summary, binary_rates, tpr_at_fpr
+from ehrmem.stats import auc_comparison, auc_summary, auprc_summary, binary_rates, tpr_at_fpr
 
 logger = logging.getLogger(__name__)
 
@@ -233,11 +233,11 @@ class SensitiveAudit(Audit):
                 tier_entry["member_excess_auroc"] = (
                     (m["auroc"] - n["auroc"]) if m["status"] == n["status"] == "ok" else None
                 )
-                tier_entry["leak_signal"] = bool(
-                    m["status"] == "ok"
-                    and m["auroc_ci95"][0] > 0.5
-                    and (n["status"] != "ok" or m["auroc"] > n["auroc_ci95"][1])
-                )
+                # Members above chance and above non-members (one-sided z-tests, Bonferroni over the tiers):
+                # memorisation. Members above chance with non-members unmeasurable is "unresolved", not a leak.
+                cmp = auc_comparison(m, n, n_comparisons=len(cfg.tiers))
+                tier_entry["member_vs_nonmember"] = cmp
+                tier_entry["leak_signal"] = cmp["verdict"] == "memorization"
                 entry["by_tier"][tier_name(k)] = tier_entry
             defined = [
                 t for t in entry["by_tier"].values() for g in ("members", "nonmembers") if t[g]["status"] == "ok"

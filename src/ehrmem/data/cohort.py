@@ -66,20 +66,14 @@ def _smd(a: np.ndarray, b: np.ndarray) -> float | None:
     return float((la.mean() - lb.mean()) / pooled) if pooled > 0 else 0.0
 
 
-def match_on_length(lengths_a: np.ndarray, lengths_b: np.ndarray, *, max_ratio: int | None = None) -> np.ndarray:
-    """Greedy nearest-neighbour matching on log length, without replacement.
+#: Largest |standardised mean difference| of log record length accepted after matching (a common rule of thumb
+#: for negligible imbalance).
+BALANCE_TARGET = 0.1
 
-    ``a`` is the smaller group; each of its subjects gets ``k = min(max_ratio, len(b) // len(a))`` partners
-    from ``b``, taken in order of closeness. Returns a boolean mask over ``b`` of the partners kept.
-    """
-    na, nb = len(lengths_a), len(lengths_b)
-    keep = np.zeros(nb, dtype=bool)
-    if na == 0 or nb == 0:
-        return keep
-    k = max(1, nb // na)
-    if max_ratio is not None:
-        k = min(k, max_ratio)
-    la, lb = np.log1p(lengths_a.astype(float)), np.log1p(lengths_b.astype(float))
+
+def _greedy_partners(la: np.ndarray, lb: np.ndarray, k: int) -> np.ndarray:
+    """Each subject of ``a`` takes ``k`` nearest free partners of ``b`` on log length, hardest first."""
+    keep = np.zeros(len(lb), dtype=bool)
     # Hardest first: subjects of `a` with the fewest close partners pick before the others.
     order = np.argsort(np.abs(la - np.median(lb)))[::-1]
     for _round in range(k):
@@ -92,6 +86,37 @@ def match_on_length(lengths_a: np.ndarray, lengths_b: np.ndarray, *, max_ratio: 
     return keep
 
 
+def match_on_length(
+    lengths_a: np.ndarray,
+    lengths_b: np.ndarray,
+    *,
+    max_ratio: int | None = None,
+    balance: float = BALANCE_TARGET,
+) -> tuple[np.ndarray, int]:
+    """Greedy nearest-neighbour matching on log length, without replacement.
+
+    ``a`` is the smaller group and is kept whole; each of its subjects gets ``k`` partners from ``b``,
+    taken in order of closeness. ``k`` is the largest ratio (at most ``max_ratio`` and ``len(b) //
+    len(a)``) whose matched groups have ``|SMD| <= balance`` of log length; when even one partner each
+    cannot reach it, ``k = 1`` (the closest balance on offer; the caller warns). The choice uses the lengths
+    only, never a score, so it cannot bias the membership metrics. Returns the mask over ``b`` of the
+    partners kept and ``k``.
+    """
+    na, nb = len(lengths_a), len(lengths_b)
+    if na == 0 or nb == 0:
+        return np.zeros(nb, dtype=bool), 0
+    k_max = max(1, nb // na)
+    if max_ratio is not None:
+        k_max = min(k_max, max_ratio)
+    la, lb = np.log1p(lengths_a.astype(float)), np.log1p(lengths_b.astype(float))
+    for k in range(k_max, 0, -1):
+        keep = _greedy_partners(la, lb, k)
+        smd = _smd(lengths_a, lengths_b[keep])
+        if smd is None or abs(smd) <= balance or k == 1:
+            return keep, k
+    raise AssertionError("unreachable: k = 1 always returns")
+
+
 def build_cohort(
     dataset: MedsDataset,
     manifest: dict | None,
@@ -101,6 +126,7 @@ def build_cohort(
     nonmember_splits: Sequence[str] = ("tuning", "held_out"),
     match_length: bool = True,
     max_ratio: int | None = None,
+    balance: float = BALANCE_TARGET,
     exclude: Sequence[int] = (),
 ) -> Cohort:
     """Label the dataset's subjects as members or non-members.
@@ -112,6 +138,10 @@ def build_cohort(
         subject is a non-member. ``"splits"``: members are the ``member_splits``, non-members the
         ``nonmember_splits`` (a negative control can label an unseen split as "members"). ``"auto"`` uses
         the manifest when there is one, else the splits.
+    match_length, max_ratio, balance
+        Match members and non-members on record length (see :func:`match_on_length`): the smaller group
+        is kept whole and each of its subjects gets up to ``max_ratio`` partners from the larger, as many as
+        keep the standardised mean difference of log length within ``balance``.
     exclude
         Subjects never audited (e.g. those a calibration reference was trained on).
     """
@@ -176,6 +206,12 @@ def build_cohort(
                 )
     if exclude:
         table = table.filter(~pl.col(SUBJECT_ID).is_in(list(exclude)))
+    empty = table.filter(pl.col("n_events") == 0)
+    if empty.height:
+        notes.append(
+            f"{empty.height} subjects have no timed event and are not audited "
+            f"(e.g. {empty[SUBJECT_ID].head(5).to_list()})."
+        )
     table = table.filter(pl.col("n_events") > 0)
     mem = table.filter(pl.col("member") == 1)
     non = table.filter(pl.col("member") == 0)
@@ -183,24 +219,31 @@ def build_cohort(
     matching: dict = {"method": "none"}
     if match_length and mem.height and non.height:
         small, large = (non, mem) if non.height <= mem.height else (mem, non)
-        keep_large = match_on_length(small["n_events"].to_numpy(), large["n_events"].to_numpy(), max_ratio=max_ratio)
+        keep_large, ratio = match_on_length(
+            small["n_events"].to_numpy(), large["n_events"].to_numpy(), max_ratio=max_ratio, balance=balance
+        )
         kept_ids = set(small[SUBJECT_ID].to_list()) | set(large.filter(pl.Series(keep_large))[SUBJECT_ID].to_list())
         matched = table[SUBJECT_ID].is_in(list(kept_ids)).to_numpy()
         m_after = table.filter(pl.Series(matched))
+        after = _smd(
+            m_after.filter(pl.col("member") == 1)["n_events"].to_numpy(),
+            m_after.filter(pl.col("member") == 0)["n_events"].to_numpy(),
+        )
         matching = {
             "method": "nearest neighbour on log record length, without replacement",
-            "ratio": int(
-                max(1, large.height // max(1, small.height))
-                if max_ratio is None
-                else min(max_ratio, max(1, large.height // max(1, small.height)))
-            ),
+            "kept_whole": "non-members" if small is non else "members",
+            "ratio": int(ratio),
+            "balance_target": balance,
             "smd_log_length_before": _smd(mem["n_events"].to_numpy(), non["n_events"].to_numpy()),
-            "smd_log_length_after": _smd(
-                m_after.filter(pl.col("member") == 1)["n_events"].to_numpy(),
-                m_after.filter(pl.col("member") == 0)["n_events"].to_numpy(),
-            ),
+            "smd_log_length_after": after,
             "n_dropped": int((~matched).sum()),
         }
+        if after is not None and abs(after) > balance:
+            notes.append(
+                f"Length matching could not balance members and non-members: the standardised mean difference of "
+                f"log record length is {after:.2f} after matching (target {balance}). Record length alone may "
+                "separate the groups; read membership AUCs against T4's length baseline."
+            )
     table = table.with_columns(pl.Series("matched", matched))
     cohort = Cohort(table=table.sort(SUBJECT_ID), label_source=label_source, matching=matching, notes=notes)
     for n in notes:

@@ -184,7 +184,7 @@ def true_continuation(enc: EncodedSubject, p: Prompt, horizon_events: int) -> np
     return enc.continuation(p.n_prompt_events, horizon_events)
 
 
-def horizon_cut(tokens: Sequence[int], token_kind: np.ndarray, horizon_events: int) -> np.ndarray:
+def horizon_cut(tokens: Sequence[int] | np.ndarray, token_kind: np.ndarray, horizon_events: int) -> np.ndarray:
     """Generated tokens up to the end of the ``horizon_events``-th code token."""
     toks = np.asarray(tokens)
     is_code = np.isin(token_kind[toks], (1,)) if toks.size else np.zeros(0, dtype=bool)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor
 
 from ehrmem.errors import InputError, ModelError
 from ehrmem.models.protocol import Pooling, TokenScores
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ class _SeededSampler(LogitsProcessor):
         choice = pos if order is None else order.gather(1, pos)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, choice, 0.0)
-        return out
+        return cast(torch.FloatTensor, out)
 
 
 class HFCausalLM:
@@ -93,7 +97,7 @@ class HFCausalLM:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.pad_id = int(pad_id)
-        cfg = model.config
+        cfg = cast("PreTrainedConfig", model.config)
         self._vocab_size = int(cfg.vocab_size)
         ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
         self._context_length = int(ctx) if ctx else 2**31 - 1
@@ -197,10 +201,10 @@ class HFCausalLM:
             second = torch.nan_to_num(p * logp.square()).sum(-1)
             std = (second - mean.square()).clamp_min(0).sqrt()
             lengths = mask.sum(1).cpu().numpy()
-            tok, mean, std = tok.cpu().numpy(), mean.cpu().numpy(), std.cpu().numpy()
+            tok_np, mean_np, std_np = tok.cpu().numpy(), mean.cpu().numpy(), std.cpu().numpy()
             for r, i in enumerate(idx):
                 n = int(lengths[r]) - 1
-                out[i] = TokenScores(logprob=tok[r, :n].copy(), mean=mean[r, :n].copy(), std=std[r, :n].copy())
+                out[i] = TokenScores(logprob=tok_np[r, :n].copy(), mean=mean_np[r, :n].copy(), std=std_np[r, :n].copy())
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -289,7 +293,8 @@ class HFCausalLM:
                 ids[r, width - len(s) :] = s
                 mask[r, width - len(s) :] = 1
             sampler = _SeededSampler([trajectory_seed(seeds[i], j) for i, j in chunk], temperature, top_p)
-            gen = self.model.generate(
+            # self.model is a HuggingFace causal LM, whose generate comes from GenerationMixin.
+            gen = cast("GenerationMixin", self.model).generate(
                 input_ids=torch.from_numpy(ids).to(self.device),
                 attention_mask=torch.from_numpy(mask).to(self.device),
                 generation_config=gen_cfg,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import polars as pl
@@ -30,6 +30,9 @@ from ehrmem._version import __version__
 from ehrmem.data.meds import SUBJECT_ID, MedsDataset
 from ehrmem.data.tokenizer import EncodedSubject, EventTokenizer
 from ehrmem.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int) -> torch.nn.Modu
             "n_embd must be a multiple of n_head.", value=(cfg.n_embd, cfg.n_head), expected="n_embd % n_head == 0"
         )
     if cfg.architecture == "gpt2":
-        hf_cfg = GPT2Config(
+        gpt2_cfg = GPT2Config(
             vocab_size=vocab_size,
             n_positions=cfg.context_length,
             n_embd=cfg.n_embd,
@@ -97,8 +100,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int) -> torch.nn.Modu
             eos_token_id=2,
             pad_token_id=pad_id,
         )
-        return GPT2LMHeadModel(hf_cfg)
-    hf_cfg = LlamaConfig(
+        return GPT2LMHeadModel(gpt2_cfg)
+    llama_cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.n_embd,
         intermediate_size=4 * cfg.n_embd,
@@ -111,7 +114,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, pad_id: int) -> torch.nn.Modu
         pad_token_id=pad_id,
         attention_dropout=cfg.dropout,
     )
-    return LlamaForCausalLM(hf_cfg)
+    return LlamaForCausalLM(llama_cfg)
 
 
 def _fingerprint(arrays: Sequence[np.ndarray]) -> str:
@@ -161,8 +164,8 @@ def train_reference_model(
         )
     subjects: list[int] = []
     for split in cfg.splits:
-        ids = dataset.subject_ids(split)
-        if not ids:
+        split_subjects = dataset.subject_ids(split)
+        if not split_subjects:
             raise InputError(
                 "A training split holds no subjects.",
                 file=dataset.root,
@@ -170,7 +173,7 @@ def train_reference_model(
                 value=split,
                 expected="a split with at least one subject",
             )
-        subjects += ids
+        subjects += split_subjects
     train_events = dataset.events.filter(pl.col(SUBJECT_ID).is_in(subjects))
     tokenizer = tokenizer or EventTokenizer.fit(
         train_events, n_value_bins=cfg.n_value_bins, min_code_subjects=cfg.min_code_subjects
@@ -243,7 +246,8 @@ def train_reference_model(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    # build_model returns a HuggingFace PreTrainedModel (GPT-2 or Llama head).
+    cast("PreTrainedModel", model.to("cpu")).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save(tmp)
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -87,7 +87,7 @@ def _t3_figures(report: dict) -> dict[str, Any]:
     if t3.get("status") != "ok":
         return {}
     best = _t3_best(t3)
-    rows = []
+    rows: list[tuple[str, float | None, list[float] | None]] = []
     for b in best:
         e = b["best"]
         if e is None:

@@ -51,10 +51,11 @@ def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
 def distribution_plot(labels: np.ndarray, scores: np.ndarray, title: str) -> str:
     """Histograms of one score for members and non-members (densities, shared bins)."""
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    # matplotlib's stubs type ``bins`` as Sequence[float], but its hist accepts an array of edges (np.histogram).
     bins = np.histogram_bin_edges(scores, bins=min(30, max(5, len(scores) // 4)))
     ax.hist(
         scores[labels == 1],
-        bins=bins,
+        bins=bins,  # type: ignore[arg-type]
         density=True,
         alpha=0.55,
         color=MEMBER_COLOR,
@@ -62,7 +63,7 @@ def distribution_plot(labels: np.ndarray, scores: np.ndarray, title: str) -> str
     )
     ax.hist(
         scores[labels == 0],
-        bins=bins,
+        bins=bins,  # type: ignore[arg-type]
         density=True,
         alpha=0.55,
         color=NONMEMBER_COLOR,

@@ -43,6 +43,9 @@ from ehrmem.risk.matrix import tier_k
 Verdict = Literal["pass", "fail", "underpowered"]
 
 
+DEFAULT_T2_HARM_TIERS: tuple[HarmTier, ...] = ("stigmatised",)
+
+
 class GateThresholds(BaseModel):
     """Thresholds of the release gate. The defaults are a conservative starting point; a data-governance
     board should set its own and record them (they are written into the gate's result)."""
@@ -101,7 +104,7 @@ class GateThresholds(BaseModel):
         ),
     )
     t2_harm_tiers: list[HarmTier] = Field(
-        default_factory=lambda: ["stigmatised"],
+        default_factory=lambda: list(DEFAULT_T2_HARM_TIERS),
         description="Harm tiers whose categories the T2 check covers (stigmatised: HIV, substance use, ...).",
     )
     t2_require_member_excess: bool = Field(
@@ -445,7 +448,8 @@ def _controls(report: dict) -> dict:
 def _power_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
     out = []
     controls = _controls(report)
-    pos = controls.get("positive_control") if isinstance(controls.get("positive_control"), dict) else {}
+    pos = controls.get("positive_control")
+    pos = pos if isinstance(pos, dict) else {}
     passed = pos.get("passed")
     detail = str(controls.get("verdict") or controls.get("reason") or "")
     name = "positive control (canaries detected)"
@@ -491,7 +495,8 @@ def _power_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
                 f"no canary positive control in this run ({status})" + (f": {detail}" if detail else ""),
             )
         )
-    neg = controls.get("negative_control") if isinstance(controls.get("negative_control"), dict) else {}
+    neg = controls.get("negative_control")
+    neg = neg if isinstance(neg, dict) else {}
     if neg.get("passed") is not None:
         # Informational: a failed negative control (twins flagged too often) makes failures less certain,
         # never a pass less certain, so it does not change the verdict.

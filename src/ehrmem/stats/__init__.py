@@ -21,10 +21,11 @@ from ehrmem.stats.roc import (
     roc_curve,
     tpr_at_fpr,
 )
-from ehrmem.stats.tests import two_sample_test
+from ehrmem.stats.tests import auc_comparison, two_sample_test
 
 __all__ = [
     "RocCurve",
+    "auc_comparison",
     "auc_summary",
     "auprc_summary",
     "binary_rates",

@@ -13,7 +13,7 @@ from ehrmem.errors import InputError
 from ehrmem.stats.intervals import _check_n_boot
 from ehrmem.stats.roc import _percentile_ci, _stratified_bootstrap, check_binary
 
-__all__ = ["two_sample_test"]
+__all__ = ["auc_comparison", "two_sample_test"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,4 +108,59 @@ def two_sample_test(
         effect_size_ci95=_percentile_ci(reps, 0.95),
         status="ok",
     )
+    return out
+
+
+_Z95 = 1.959963984540054
+
+
+def _se_from_ci(ci: list | tuple | None) -> float | None:
+    """Standard error implied by a 95% interval (its width over 2 x 1.96)."""
+    if not ci or ci[0] is None or ci[1] is None:
+        return None
+    return max((float(ci[1]) - float(ci[0])) / (2 * _Z95), 1e-12)
+
+
+def auc_comparison(
+    members: dict | None, nonmembers: dict | None, *, n_comparisons: int = 1, alpha: float = 0.05
+) -> dict[str, Any]:
+    """Is an attack's AUROC above chance for members, and above the non-members' AUROC?
+
+    ``members`` and ``nonmembers`` are metric dictionaries with ``status``, ``auroc`` and ``auroc_ci95``
+    (two independent groups). Both questions are one-sided z-tests with the standard errors implied by the
+    95% intervals, at level ``alpha / n_comparisons`` (Bonferroni over the cells a caller examines together,
+    e.g. every tier and probe of one category).
+
+    Returns ``verdict``:
+
+    - ``"none"``: members are not above chance (or could not be evaluated);
+    - ``"memorization"``: members above chance and above non-members: the model singles out trained patients;
+    - ``"population"``: members above chance, non-members alike: population-level inference;
+    - ``"unresolved"``: members above chance, non-members could not be evaluated, so memorization cannot be
+      told from generalization.
+
+    plus ``p_above_chance`` and ``p_member_excess`` (None when not computed).
+    """
+    from scipy.stats import norm
+
+    if n_comparisons < 1:
+        raise InputError("n_comparisons must be at least 1.", value=n_comparisons, expected=">= 1")
+    level = alpha / n_comparisons
+    out: dict[str, Any] = {"verdict": "none", "p_above_chance": None, "p_member_excess": None, "level": level}
+    if not members or members.get("status") != "ok" or members.get("auroc") is None:
+        return out
+    se_m = _se_from_ci(members.get("auroc_ci95"))
+    if se_m is None:
+        return out
+    p_chance = float(norm.sf((members["auroc"] - 0.5) / se_m))
+    out["p_above_chance"] = p_chance
+    if p_chance >= level:
+        return out
+    se_n = _se_from_ci((nonmembers or {}).get("auroc_ci95"))
+    if not nonmembers or nonmembers.get("status") != "ok" or nonmembers.get("auroc") is None or se_n is None:
+        out["verdict"] = "unresolved"
+        return out
+    p_excess = float(norm.sf((members["auroc"] - nonmembers["auroc"]) / np.hypot(se_m, se_n)))
+    out["p_member_excess"] = p_excess
+    out["verdict"] = "memorization" if p_excess < level else "population"
     return out
