@@ -34,6 +34,9 @@ from ehrmem.stats import auc_summary, tpr_at_fpr
 
 logger = logging.getLogger(__name__)
 
+#: Confidence of the simultaneous intervals over all evaluated attacks (each gets 1 - 0.05 / m).
+FAMILY_CONFIDENCE = 0.95
+
 ATTACK_DESCRIPTIONS = {
     "loss": "mean token log-probability under the audited model",
     "min_k": "mean of the lowest {k:.0%} token log-probabilities (Min-K%)",
@@ -174,7 +177,9 @@ class MembershipAudit(Audit):
         table = table.with_columns(pl.Series("unk_rate", [float(np.mean(q == unk)) for q in seqs]))
 
         attacks: dict[str, Any] = {}
+        inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # labels and scores of each attack
         for name in ("loss", "min_k", "min_k_pp"):
+            inputs[name] = (labels, table[name].to_numpy())
             attacks[name] = evaluate_attack(labels, table[name].to_numpy(), cfg, ctx.seed)
             attacks[name]["description"] = ATTACK_DESCRIPTIONS[name].format(k=cfg.min_k_fraction)
 
@@ -182,12 +187,14 @@ class MembershipAudit(Audit):
         if ref_table is not None:
             table = table.join(ref_table, on=SUBJECT_ID, how="left")
             sub = table.filter(pl.col("ref_ngram").is_not_null())
+            inputs["ref_ngram"] = (sub["member"].to_numpy(), sub["ref_ngram"].to_numpy())
             attacks["ref_ngram"] = evaluate_attack(sub["member"].to_numpy(), sub["ref_ngram"].to_numpy(), cfg, ctx.seed)
             attacks["ref_ngram"].update(description=ATTACK_DESCRIPTIONS["ref_ngram"], reference=ref_info)
         if cfg.reference_model is not None:
             ref_model_table, info = self._model_reference(ids, labels, seqs, target_mean)
             table = table.join(ref_model_table, on=SUBJECT_ID, how="left")
             sub = table.filter(pl.col("ref_model").is_not_null())
+            inputs["ref_model"] = (sub["member"].to_numpy(), sub["ref_model"].to_numpy())
             attacks["ref_model"] = evaluate_attack(sub["member"].to_numpy(), sub["ref_model"].to_numpy(), cfg, ctx.seed)
             attacks["ref_model"].update(description=ATTACK_DESCRIPTIONS["ref_model"], reference=info)
 
@@ -203,6 +210,7 @@ class MembershipAudit(Audit):
             table = table.join(
                 pl.DataFrame({SUBJECT_ID: [ids[i] for i in maskable], "masking": mv}), on=SUBJECT_ID, how="left"
             )
+            inputs["masking"] = (labels[maskable], mv)
             attacks["masking"] = evaluate_attack(labels[maskable], mv, cfg, ctx.seed)
             attacks["masking"].update(
                 description=ATTACK_DESCRIPTIONS["masking"].format(
@@ -214,7 +222,24 @@ class MembershipAudit(Audit):
             )
 
         defined = {k: v for k, v in attacks.items() if v["status"] == "ok"}
-        best = max(defined, key=lambda k: defined[k]["auc"]) if defined else None
+        # The strongest of several attacks is a selected maximum: its claims rest on simultaneous intervals
+        # (Bonferroni over the evaluated attacks), so picking the best of m does not inflate the evidence.
+        familywise = 1.0 - (1.0 - FAMILY_CONFIDENCE) / max(1, len(defined))
+        for name in defined:
+            y, sc = inputs[name]
+            fw = auc_summary(
+                y, sc, n_boot=cfg.n_bootstrap, seed=ctx.seed, min_per_class=cfg.min_per_class, confidence=familywise
+            )
+            attacks[name]["auc_ci_familywise"] = fw["auc_ci95"]
+        best = max(defined, key=lambda k: defined[k]["auc_ci_familywise"][0]) if defined else None
+        baselines = self._baselines(table, cfg, ctx.seed)
+        for name, b in baselines.items():
+            if b["status"] == "ok" and not (b["auc_ci95"][0] <= 0.5 <= b["auc_ci95"][1]):
+                result.warn(
+                    f"The trivial baseline {name} ({b['description']}) separates members from non-members: AUC "
+                    f"{b['auc']:.3f} [{b['auc_ci95'][0]:.3f}, {b['auc_ci95'][1]:.3f}]. The membership attacks' AUCs "
+                    "partly reflect it; compare them with this baseline."
+                )
         for name, a in attacks.items():
             if a["status"] != "ok":
                 result.warn(f"attack {name}: {a['reason']}")
@@ -243,6 +268,13 @@ class MembershipAudit(Audit):
             "unknown_token_rate": {"members": unk_m, "nonmembers": unk_n},
             "attacks": attacks,
             "best_attack": best,
+            "familywise": {
+                "method": f"Bonferroni over the {len(defined)} evaluated attacks",
+                "confidence": familywise,
+                "note": "best_attack and the claims built on it (headline, risk, gate) use these simultaneous "
+                "intervals (auc_ci_familywise); auc_ci95 is each attack's own 95% interval",
+            },
+            "baselines": baselines,
             "settings": cfg.model_dump(mode="json"),
         }
         if best is None:
@@ -250,9 +282,29 @@ class MembershipAudit(Audit):
             result.reason = "no attack could be evaluated: " + "; ".join(a["reason"] or "" for a in attacks.values())
         else:
             b = attacks[best]
-            result.reason = f"best attack {best}: AUC {b['auc']:.3f} [{b['auc_ci95'][0]:.3f}, {b['auc_ci95'][1]:.3f}]"
+            lo, hi = b["auc_ci_familywise"]
+            result.reason = (
+                f"best attack {best}: AUC {b['auc']:.3f} [{lo:.3f}, {hi:.3f}] (simultaneous {familywise:.1%} "
+                f"interval over {len(defined)} attacks)"
+            )
         result.tables["membership_scores"] = table
         return result
+
+    @staticmethod
+    def _baselines(table: pl.DataFrame, cfg: MembershipConfig, seed: int) -> dict[str, Any]:
+        """Scores any attacker has without the model's probabilities: if they separate the groups, so does
+        everything built on top of them. Higher = more likely member, as for the attacks."""
+        y = table["member"].to_numpy()
+        out = {}
+        for name, scores, what in (
+            ("record_length", table["n_events"].to_numpy().astype(float), "number of timed events in the record"),
+            ("unknown_rate", -table["unk_rate"].to_numpy(), "minus the share of scored tokens that are [UNK]"),
+        ):
+            s = auc_summary(y, scores, n_boot=cfg.n_bootstrap, seed=seed, min_per_class=cfg.min_per_class)
+            out[name] = {k: s[k] for k in ("status", "reason", "auc", "auc_ci95", "n_pos", "n_neg")} | {
+                "description": what
+            }
+        return out
 
     # ------------------------------------------------------------------ references
     def _ngram_reference(

@@ -30,15 +30,16 @@ def _headline(results: dict[str, TestResult]) -> str:
         return "Membership inference could not be evaluated; see T4."
     best = t4.section["best_attack"]
     a = t4.section["attacks"][best]
-    lo, hi = a["auc_ci95"]
+    lo, hi = a.get("auc_ci_familywise") or a["auc_ci95"]
+    n_attacks = sum(x.get("status") == "ok" for x in t4.section["attacks"].values())
     verdict = (
         "members are distinguishable from non-members"
         if lo > 0.5
         else "no membership signal distinguishable from chance at this cohort size"
     )
     return (
-        f"Strongest membership attack ({best}): AUC {a['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on "
-        f"{a['n_members']} members and {a['n_nonmembers']} non-members: {verdict}."
+        f"Strongest of {n_attacks} membership attacks ({best}): AUC {a['auc']:.3f} (simultaneous 95% CI "
+        f"{lo:.3f}-{hi:.3f}) on {a['n_members']} members and {a['n_nonmembers']} non-members: {verdict}."
     )
 
 

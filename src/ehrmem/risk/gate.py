@@ -57,7 +57,8 @@ class GateThresholds(BaseModel):
         ge=0.5,
         le=1.0,
         description=(
-            "Fail when the lower 95% bound of any T4 attack's AUC exceeds this. 0.5 is chance; a lower bound "
+            "Fail when the lower bound of any T4 attack's AUC exceeds this (simultaneous 95% intervals over the "
+            "attacks, so that running more attacks does not make failing easier). 0.5 is chance; a lower bound "
             "above 0.6 means that, with 95% confidence, an attacker ranks a random member above a random "
             "non-member at least 60% of the time, a membership signal well clear of the noise of a "
             "length-matched cohort."
@@ -178,6 +179,11 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _auc_ci(attack: dict) -> list:
+    """An attack's simultaneous interval over all T4 attacks (its own 95% interval in older reports)."""
+    return attack.get("auc_ci_familywise") or attack["auc_ci95"]
+
+
 def _t4_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
     status, t4 = _test(report, "T4")
     name_auc, name_tpr = "T4 membership AUC (lower 95% bound)", f"T4 TPR at {th.low_fpr:g} FPR (lower 95% bound)"
@@ -203,8 +209,9 @@ def _t4_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
             )
         )
     else:
-        worst, a = max(ok.items(), key=lambda kv: kv[1]["auc_ci95"][0])
-        lo = float(a["auc_ci95"][0])
+        # Simultaneous intervals over the attacks: the gate reads the best of several, a selected maximum.
+        worst, a = max(ok.items(), key=lambda kv: _auc_ci(kv[1])[0])
+        lo = float(_auc_ci(a)[0])
         st = "fail" if lo > th.max_membership_auc_lower else "pass"
         out.append(
             _check(
@@ -214,7 +221,8 @@ def _t4_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
                 st,
                 lo,
                 th.max_membership_auc_lower,
-                f"attack {worst}: AUC {_fmt(a.get('auc'))} (95% CI {_fmt(lo)}-{_fmt(a['auc_ci95'][1])}) on "
+                f"attack {worst}: AUC {_fmt(a.get('auc'))} (simultaneous 95% CI over {len(ok)} attacks "
+                f"{_fmt(lo)}-{_fmt(_auc_ci(a)[1])}) on "
                 f"{a.get('n_members')} members and {a.get('n_nonmembers')} non-members; "
                 + ("members are distinguishable beyond the threshold" if st == "fail" else "within the threshold"),
             )
