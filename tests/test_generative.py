@@ -631,3 +631,26 @@ def test_binomial_intervals_at_zero_and_all(interval, n):
     assert math.isfinite(lo) and lo < 1.0 and hi == 1.0
     if n >= 7:
         _valid_interval(risk["ci95"], 1.0)
+
+
+def test_t2_cut_drops_the_whole_timestamp_of_the_first_category_code():
+    """A prompt cut right before the first HIV code would keep the other codes of the same timestamp (the
+    discharge's other diagnoses), so where it ends would tell that HIV comes next. The cut is at the start
+    of the timestamp."""
+    from datetime import datetime
+
+    t0, t1, t2 = datetime(2100, 1, 1), datetime(2100, 1, 2), datetime(2100, 1, 3)
+    rows = [
+        (1, None, "GENDER//F"),
+        (1, t0, "LAB//A//mg"),
+        (1, t1, "DIAGNOSIS//ICD//10//I10"),  # same timestamp as HIV, sorted before it
+        (1, t1, "DIAGNOSIS//ICD//10//E119"),
+        (1, t1, HIV),
+        (1, t2, "LAB//B//mg"),
+        (2, t0, HIV),
+    ]
+    events = pl.DataFrame(rows, schema={SUBJECT_ID: pl.Int64, TIME: pl.Datetime("us"), CODE: pl.String}, orient="row")
+    first = {
+        r[SUBJECT_ID]: r["first_event"] for r in category_first_events(events, {"hiv": {HIV}}).iter_rows(named=True)
+    }
+    assert first == {1: 1, 2: 0}  # subject 1: events 1, 2 and 3 share HIV's timestamp; only event 0 stays

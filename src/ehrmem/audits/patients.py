@@ -365,9 +365,13 @@ class PatientsAudit(Audit):
             .group_by(CODE)
             .agg(pl.col(SUBJECT_ID).n_unique().alias("_n_train"))
         )
+        # Only codes the model's vocabulary kept: a code mapped to [UNK] cannot be memorised as itself.
+        tok = self.context.tokenizer
+        codes = events.select(SUBJECT_ID, CODE).unique()
+        if tok is not None:
+            codes = codes.filter(pl.col(CODE).is_in(list(tok.index)))
         per = (
-            events.select(SUBJECT_ID, CODE)
-            .unique()
+            codes
             .join(counts, on=CODE, how="left")
             .join(audited.select(SUBJECT_ID, "member"), on=SUBJECT_ID, how="left")
             .with_columns((pl.col("_n_train").fill_null(0) + (1 - pl.col("member").cast(pl.Int64))).alias("_holders"))
@@ -697,10 +701,22 @@ class PatientsAudit(Audit):
         sex_of = dict(zip(demo[SUBJECT_ID].to_list(), demo["sex"].to_list(), strict=True))
         groups += [("sex", v, [s for s in ids if sex_of[s] == v]) for v in sorted(set(sex_of.values()))]
         k = cfg.rare_max_subjects
-        groups.append(
-            ("rare_codes", f"holds a code held by <= {k} training patients", [s for s in ids if n_rare.get(s, 0) > 0])
-        )
-        groups.append(("rare_codes", "holds no rare code", [s for s in ids if n_rare.get(s, 0) == 0]))
+        counts_rare = [n_rare.get(s, 0) for s in ids]
+        med = int(np.median(counts_rare)) if counts_rare else 0
+        if med <= 1:
+            groups.append(
+                (
+                    "rare_codes",
+                    f"holds a code held by <= {k} training patients",
+                    [s for s in ids if n_rare.get(s, 0) > 0],
+                )
+            )
+            groups.append(("rare_codes", "holds no rare code", [s for s in ids if n_rare.get(s, 0) == 0]))
+        else:
+            # Most patients hold some rare code (long records): split at the median count so both groups say something.
+            what = f"codes held by <= {k} training patients"
+            groups.append(("rare_codes", f"holds >= {med} {what}", [s for s in ids if n_rare.get(s, 0) >= med]))
+            groups.append(("rare_codes", f"holds < {med} {what}", [s for s in ids if n_rare.get(s, 0) < med]))
         groups += [("sensitive_category", n, [s for s in ids if n in held[s]]) for n in names]
         n_events_of = dict(zip(ids, lengths.tolist(), strict=True))
         for q in range(4):

@@ -191,12 +191,20 @@ class ReconstructionAudit(Audit):
             per_key.setdefault(key, {"sample": [], "population": []})[kind].append(float(d))
 
         rare_counts = tok.code_counts
+        prompt_of = {(p.subject_id, p.k_events): p.ids for p in all_prompts}
         for key, evs in gens.items():
             sid, k = key
             truth = truths[key]
             pr = [code_precision_recall(ev.codes, truth.codes) for ev in evs]
             run = max((longest_common_run(ev.codes, truth.codes) for ev in evs), default=0)
-            rare_truth = {c for c in truth.codes if 0 < rare_counts.get(c, 0) <= cfg.rare_max_subjects}
+            # Rare codes the model can write (in its vocabulary, not [UNK]) and that the prompt does not hold:
+            # copying a code from the prompt reveals nothing new.
+            in_prompt = {tok.vocab[t] for t in prompt_of[key]}
+            rare_truth = {
+                c
+                for c in truth.codes
+                if 0 < rare_counts.get(c, 0) <= cfg.rare_max_subjects and c in tok.index and c not in in_prompt
+            }
             reproduced = {c for ev in evs for c in ev.codes} & rare_truth
             g = decode_events(tok, greedy[key]).codes if key in greedy else None
             prefix = None

@@ -199,11 +199,14 @@ def horizon_cut(tokens: Sequence[int] | np.ndarray, token_kind: np.ndarray, hori
 
 
 def category_first_events(events: pl.DataFrame, category_codes: dict[str, set[str]]) -> pl.DataFrame:
-    """Per subject and category, the index of the first timed event with one of the category's codes.
+    """Per subject and category, where a prompt must stop so that it holds nothing of the category.
 
-    ``events`` is a MEDS frame sorted as :func:`~ehrmem.data.meds.load_meds` returns it, so the index
-    agrees with :attr:`EncodedSubject.event_index`. Static codes in a category count as event -1 (such a
-    category is always in the prompt). Subjects without the category have no row for it.
+    That is the index of the first timed event *at the timestamp* of the subject's first code of the
+    category: events sharing that timestamp (e.g. the other diagnoses of the same discharge) are cut too, so
+    where a prompt ends does not betray that a code of the category comes next. ``events`` is a MEDS frame
+    sorted as :func:`~ehrmem.data.meds.load_meds` returns it, so the index agrees with
+    :attr:`EncodedSubject.event_index`. Static codes in a category count as event -1 (such a category is
+    always in the prompt). Subjects without the category have no row for it.
 
     Returns ``subject_id``, ``category``, ``first_event``.
     """
@@ -214,7 +217,17 @@ def category_first_events(events: pl.DataFrame, category_codes: dict[str, set[st
         .otherwise(pl.col(TIME).is_not_null().cum_sum().over(SUBJECT_ID) - 1)
         .alias("_ev")
     )
-    indexed = events.select(SUBJECT_ID, TIME, CODE).with_columns(timed_idx)
+    indexed = (
+        events.select(SUBJECT_ID, TIME, CODE)
+        .with_columns(timed_idx)
+        .with_columns(
+            # The first event of each timestamp (static rows keep -1).
+            pl.when(pl.col(TIME).is_null())
+            .then(pl.col("_ev"))
+            .otherwise(pl.col("_ev").min().over([SUBJECT_ID, TIME]))
+            .alias("_ev")
+        )
+    )
     for name, codes in category_codes.items():
         if not codes:
             continue
