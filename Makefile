@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# A CPU build of torch first: a plain `torch` requirement would pull a CUDA build of several GB.
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,embeddings]"
 	touch $@
 
 install: $(VENV)/.installed
