@@ -367,3 +367,25 @@ def test_loaded_reference_model_reports_its_shape(gpt2):
     assert gpt2.architecture == "GPT2LMHeadModel"
     assert gpt2.vocab_size == gpt2.model.config.vocab_size
     assert gpt2.context_length == 64
+
+
+def test_next_token_stats_match_the_textbook_formulas_even_with_impossible_tokens():
+    """The in-place, batched-dot-product statistics equal log_softmax / E_p[log p] / sd_p[log p] computed
+    plainly, including rows where a token has a -inf logit (0 * -inf counts as 0, not NaN)."""
+    from ehrmem.models.hf import _next_token_stats
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g) * 4
+    logits[1, 2, 5] = float("-inf")
+    ids = torch.randint(0, 11, (3, 6), generator=g)
+    logp = torch.log_softmax(logits, dim=-1)[:, :-1]
+    p = logp.exp()
+    want_tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    want_mean = torch.nan_to_num(p * logp).sum(-1)
+    want_sd = (torch.nan_to_num(p * logp.square()).sum(-1) - want_mean.square()).clamp_min(0).sqrt()
+    tok, mean, sd = _next_token_stats(logits.clone(), ids)
+    assert tok.shape == mean.shape == sd.shape == (3, 5)
+    assert torch.isfinite(mean).all() and torch.isfinite(sd).all()
+    torch.testing.assert_close(tok, want_tok)
+    torch.testing.assert_close(mean, want_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sd, want_sd, atol=1e-4, rtol=1e-4)

@@ -80,6 +80,35 @@ class _SeededSampler(LogitsProcessor):
         return cast(torch.FloatTensor, out)
 
 
+def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For positions 0 .. T-2: log p of the next token, and the mean and standard deviation of log p(v) under
+    p (Min-K%++). The logits at position t score token t + 1 (failure kind 8).
+
+    ``logits`` (batch x T x vocabulary, the model's output for ``ids``) is overwritten with the
+    log-probabilities: the (B, T, V) tensors are the cost of scoring beyond the forward pass itself, so the
+    expectations are batched dot products over the vocabulary and only one more such tensor (the
+    probabilities) is allocated. The last position, which scores nothing, is computed and dropped rather
+    than sliced off first, which would copy the whole tensor.
+    """
+    logits = logits.contiguous()
+    logp = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    tok = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    p = logp.exp()
+    bt = p.shape[0] * p.shape[1]
+    pv, lv = p.view(bt, 1, -1), logp.view(bt, -1, 1)
+    mean = torch.bmm(pv, lv).view(p.shape[:2])
+    second = torch.bmm(pv.mul_(logp.view(bt, 1, -1)), lv).view(p.shape[:2])
+    if not (torch.isfinite(mean).all() and torch.isfinite(second).all()):
+        # An impossible token (-inf logit) makes 0 * -inf: count it as 0, on the few rows concerned only.
+        bad = ~(torch.isfinite(mean) & torch.isfinite(second))
+        lp = logp[bad]
+        q = lp.exp()
+        mean[bad] = torch.nan_to_num(q * lp).sum(-1)
+        second[bad] = torch.nan_to_num(q * lp.square()).sum(-1)
+    std = (second - mean.square()).clamp_min(0).sqrt()
+    return tok, mean[:, :-1], std[:, :-1]
+
+
 class HFCausalLM:
     """An :class:`~ehrmem.models.protocol.AuditModel` over a HuggingFace causal language model.
 
@@ -191,15 +220,8 @@ class HFCausalLM:
         self._check_ids(sequences)
         out: list[TokenScores | None] = [None] * len(sequences)
         for idx, ids, mask in self._batches(sequences, batch_size):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            target = ids[:, 1:].unsqueeze(-1)
-            tok = logp.gather(-1, target).squeeze(-1)
-            p = logp.exp()
-            plogp = torch.nan_to_num(p * logp)  # 0 * -inf := 0
-            mean = plogp.sum(-1)
-            second = torch.nan_to_num(p * logp.square()).sum(-1)
-            std = (second - mean.square()).clamp_min(0).sqrt()
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            tok, mean, std = _next_token_stats(logits, ids)
             lengths = mask.sum(1).cpu().numpy()
             tok_np, mean_np, std_np = tok.cpu().numpy(), mean.cpu().numpy(), std.cpu().numpy()
             for r, i in enumerate(idx):
