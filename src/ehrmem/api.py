@@ -30,7 +30,7 @@ import polars as pl
 from ehrmem._version import __version__
 from ehrmem.audits.base import Audit, AuditContext, Progress, TestResult, no_progress, skipped
 from ehrmem.audits.controls import measure_controls
-from ehrmem.audits.membership import MembershipAudit
+from ehrmem.audits.membership import MembershipAudit, verify_reference_model
 from ehrmem.audits.patients import PatientsAudit
 from ehrmem.audits.perturbation import PerturbationAudit
 from ehrmem.audits.probing import ProbingAudit
@@ -72,6 +72,52 @@ def hash_model_weights(model_dir: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def _file_digest(h: Any, fp: Path) -> None:
+    h.update(fp.name.encode())
+    if fp.is_file():
+        with open(fp, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def _inputs_digest(model_dir: Path, cfg: AuditConfig) -> str:
+    """What a finished stage depends on besides the data, the weights and the settings: the model's
+    vocabulary, tokenizer, configuration and training manifest (the membership labels), the contents of the
+    catalogue files the settings name, and the reference model. A stage is reused only when all are unchanged."""
+    h = hashlib.sha256()
+    for name in ("config.json", "vocab.parquet", "tokenizer.json", "training_manifest.json"):
+        _file_digest(h, model_dir / name)
+    for fp in [cfg.T2.catalogue, *(cfg.T2.catalogue_extend or [])]:
+        if fp is not None:
+            _file_digest(h, Path(fp))
+    ref = cfg.T4.reference_model
+    if ref is not None and Path(ref).is_dir():
+        h.update(hash_model_weights(Path(ref)).encode())
+        _file_digest(h, Path(ref) / "training_manifest.json")
+    return h.hexdigest()
+
+
+def _check_vocabulary(model_dir: Path, tokenizer: EventTokenizer, manifest: dict | None) -> None:
+    """The vocabulary table is the one the model was trained with (failure kind 13)."""
+    if manifest is None:
+        return
+    size = manifest.get("vocab_size")
+    if size is not None and int(size) != tokenizer.vocab_size:
+        raise InputError(
+            "The vocabulary table is not the one the model was trained with.",
+            file=model_dir / "vocab.parquet",
+            value=f"{tokenizer.vocab_size} tokens",
+            expected=f"{size} tokens, as the training manifest records",
+        )
+    fingerprint = manifest.get("vocab_sha256")
+    if fingerprint is not None and fingerprint != hashlib.sha256("\n".join(tokenizer.vocab).encode()).hexdigest():
+        raise InputError(
+            "The vocabulary table is not the one the model was trained with (same size, other tokens or order).",
+            file=model_dir / "vocab.parquet",
+            expected="the vocab.parquet written by `ehrmem train` with this model",
+        )
 
 
 def _atomic_write_text(fp: Path, text: str) -> None:
@@ -152,15 +198,21 @@ def run_audit(
     started = datetime.now(UTC)
     out = Path(out_dir)
     model_dir = Path(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("report.json", "report.html"):
-        if (out / stale).exists():
-            (out / stale).unlink()  # never leave an old report beside a new, unfinished run
+    if out.exists() and not out.is_dir():
+        raise InputError("The run directory is a file.", file=out, expected="a directory (new or an earlier run)")
+    if not model_dir.is_dir():
+        raise InputError("The model directory does not exist.", file=model_dir, expected="a model directory")
 
     dataset = load_meds(data_dir, value_column=cfg.value_column, split_source=cfg.split_source)
     tokenizer = EventTokenizer.load(model_dir)
+    manifest = read_manifest(model_dir)
+    _check_vocabulary(model_dir, tokenizer, manifest)
     model = HFCausalLM.from_pretrained(
-        model_dir, pad_id=tokenizer.pad_id, device=cfg.device, allow_pickle=cfg.allow_pickle
+        model_dir,
+        pad_id=tokenizer.pad_id,
+        device=cfg.device,
+        allow_pickle=cfg.allow_pickle,
+        n_tokens=tokenizer.vocab_size,
     )
     if tokenizer.vocab_size > model.vocab_size:
         raise InputError(
@@ -169,7 +221,6 @@ def run_audit(
             value=f"{tokenizer.vocab_size} tokens",
             expected=f"at most the model's vocab_size ({model.vocab_size})",
         )
-    manifest = read_manifest(model_dir)
     model_hash = hash_model_weights(model_dir)
     checks: dict[str, Any] = {}
     notes: list[str] = []
@@ -185,6 +236,15 @@ def run_audit(
         known = set(dataset.codes["code"].to_list()) | set(dataset.events["code"].unique().to_list())
         missing = [c for c in code_tokens if c not in known]
         checks["vocab_codes_missing_from_data"] = {"count": len(missing), "examples": missing[:5]}
+        if code_tokens and len(missing) > len(code_tokens) / 2:
+            raise InputError(
+                "Most of the model's code tokens appear nowhere in this dataset: the model was probably trained "
+                "on another dataset, and membership labels read from its manifest would rest on ids that "
+                "merely coincide.",
+                file=dataset.root,
+                value=f"{len(missing)} of {len(code_tokens)} code tokens absent, e.g. {missing[:3]}",
+                expected="the dataset the model was trained on (or one coded the same way)",
+            )
         if missing:
             notes.append(
                 f"{len(missing)} of the model's {len(code_tokens)} code tokens appear neither in "
@@ -227,7 +287,23 @@ def run_audit(
         progress=progress,
     )
     checks.update(_consistency_checks(context, audited_ids, cfg))
+    if cfg.T4.enabled and cfg.T4.reference_model is not None:
+        # Before hours of T1-T3: a reference that cannot be used is an input error now, not at T4.
+        verify_reference_model(
+            Path(cfg.T4.reference_model),
+            tokenizer,
+            set(cohort.audited.filter(pl.col("member") == 1)[SUBJECT_ID].to_list()),
+        )
+    for n in notes:
+        logger.warning(n)
 
+    # Every input is readable and consistent: only now is an earlier report in the run directory removed, so
+    # a rerun that fails on its inputs loses nothing; from here on no old report stands beside a new run.
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("report.json", "report.html"):
+        if (out / stale).exists():
+            (out / stale).unlink()
+    inputs_hash = _inputs_digest(model_dir, cfg)
     stages = out / ".stages"
     stages.mkdir(exist_ok=True)
     results: dict[str, TestResult] = {}
@@ -242,7 +318,9 @@ def run_audit(
             results[test_id] = skipped(test_id, TEST_TITLES[test_id], "disabled in the configuration")
             continue
         digest = cfg.stage_digest(test_id, STAGE_DEPENDS.get(test_id, ()))
-        key = hashlib.sha256(f"{__version__}|{dataset.data_hash}|{model_hash}|{digest}|{test_id}".encode()).hexdigest()
+        key = hashlib.sha256(
+            f"{__version__}|{dataset.data_hash}|{model_hash}|{inputs_hash}|{digest}|{test_id}".encode()
+        ).hexdigest()
         cached = _load_stage(stages / test_id, key) if resume else None
         if cached is not None:
             logger.info("%s: reusing the finished stage in %s", test_id, stages / test_id)
@@ -255,7 +333,7 @@ def run_audit(
             _save_stage(stages / test_id, key, results[test_id])
         context.previous[test_id] = results[test_id]
 
-    controls, controls_table = _run_controls(context, cfg, stages, dataset.data_hash, model_hash)
+    controls, controls_table = _run_controls(context, cfg, stages, dataset.data_hash, f"{model_hash}|{inputs_hash}")
     if controls_table.height:
         controls_table.write_parquet(out / "controls_canaries.parquet")
 

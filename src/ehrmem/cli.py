@@ -86,10 +86,22 @@ def demo_data(
     typer.echo(str(path))
 
 
-def _train(data: Path, out: Path, cfg, value_column: str, split_source: str, canaries: int, repeats: int) -> Path:
+def _train(
+    data: Path,
+    out: Path,
+    cfg,
+    value_column: str,
+    split_source: str,
+    canaries: int,
+    repeats: int,
+    vocab_from: Path | None = None,
+) -> Path:
     from ehrmem.data.meds import load_meds
-    from ehrmem.models.train import train_reference_model
+    from ehrmem.data.tokenizer import EventTokenizer
+    from ehrmem.models.train import check_output_dir, train_reference_model
 
+    check_output_dir(out)  # before reading data or training: nothing is lost to a refusal afterwards
+    tokenizer = EventTokenizer.load(vocab_from) if vocab_from is not None else None
     dataset = load_meds(data, value_column=value_column, split_source=split_source)  # type: ignore[arg-type]
     bar = tqdm(total=None, desc="training", disable=_state["quiet"], leave=False, dynamic_ncols=True)
 
@@ -103,9 +115,16 @@ def _train(data: Path, out: Path, cfg, value_column: str, split_source: str, can
             from ehrmem.models.canaries import train_with_canaries
 
             return train_with_canaries(
-                dataset, out, cfg, n_canaries=canaries, repeats=repeats, seed=cfg.seed, progress=progress
+                dataset,
+                out,
+                cfg,
+                n_canaries=canaries,
+                repeats=repeats,
+                seed=cfg.seed,
+                progress=progress,
+                tokenizer=tokenizer,
             )
-        return train_reference_model(dataset, out, cfg, progress=progress)
+        return train_reference_model(dataset, out, cfg, progress=progress, tokenizer=tokenizer)
     finally:
         bar.close()
 
@@ -127,10 +146,17 @@ def train(
     min_code_subjects: Annotated[int, typer.Option(help="Codes held by fewer training subjects map to [UNK].")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (training is deterministic for a seed).")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")] = None,
-    canaries: Annotated[int, typer.Option(help="Synthetic canary patients to inject (positive controls).")] = 0,
-    repeats: Annotated[int, typer.Option(help="Times each canary is repeated in training.")] = 1,
+    canaries: Annotated[int, typer.Option(min=0, help="Synthetic canary patients to inject (positive controls).")] = 0,
+    repeats: Annotated[int, typer.Option(min=1, help="Times each canary is repeated in training.")] = 1,
     value_column: Annotated[str, typer.Option(help="Column holding numeric values.")] = "numeric_value",
     split_source: Annotated[str, typer.Option(help="file, directories or none.")] = "file",
+    vocab_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reuse the vocabulary and value bins of this model (e.g. to train a reference model for "
+            "`audit --reference-model`, which must share the audited model's vocabulary)."
+        ),
+    ] = None,
 ) -> None:
     """Train the small reference foundation model on a MEDS dataset (HuggingFace directory + manifest)."""
     from pydantic import ValidationError
@@ -164,7 +190,7 @@ def train(
             )
         )
     try:
-        path = _train(data, out, cfg, value_column, split_source, canaries, repeats)
+        path = _train(data, out, cfg, value_column, split_source, canaries, repeats, vocab_from)
     except EhrmemError as e:
         _fail(e)
     typer.echo(str(path))
@@ -277,7 +303,14 @@ def gate(
                 file=fp,
                 expected="the run directory of `ehrmem audit`",
             )
-        report = json.loads(fp.read_text())
+        try:
+            report = json.loads(fp.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError("report.json is not valid JSON.", file=fp, value=str(e)[:200]) from e
+        if not isinstance(report, dict) or "tests" not in report or "schema_version" not in report:
+            raise InputError(
+                "report.json is not an ehrmem report.", file=fp, expected="the report.json of `ehrmem audit`"
+            )
         data: dict = {}
         if config is not None:
             if not config.exists():

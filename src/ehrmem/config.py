@@ -47,7 +47,7 @@ class AuditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     profile: Profile = "quick"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     batch_size: int = Field(16, ge=1)
     device: str | None = None
     membership: Literal["auto", "manifest", "splits"] = "auto"

@@ -198,9 +198,34 @@ def _measure(
             "false-positive rate: the audit is underpowered for this model, and finding nothing below does "
             "not show that the model is safe."
         )
+    # How much of training the canaries were: a large share changes the model (more optimizer steps).
+    man = context.manifest or {}
+    n_injected = man.get("n_injected_sequences", len(cs.canaries) * int(cs.repeats))
+    n_real = man.get("n_real_windows", max(0, int(man.get("n_windows", 0)) - n_injected))
+    share = n_injected / n_real if n_real else None
+    caution = None
+    if share is not None and share > 0.1:
+        caution = (
+            f"The canaries were {share:.0%} as many sequences as the real training windows ({n_injected} vs {n_real}): "
+            "they add optimizer steps, so this model fits its real patients more closely than the same model "
+            "trained without them; its T1-T6 results overstate the memorisation of a canary-free model."
+        )
+    twins_auc = twins_vs_never_seen.get("auc")
+    if twins_vs_never_seen.get("status") == "ok" and twins_vs_never_seen["auc_ci95"][1] < 0.5:
+        twins_note = (
+            f"Twins score as less member-like than real never-seen patients (loss AUC {twins_auc:.2f}): the "
+            "synthetic records are less typical than real ones, so the twins are a conservative negative control "
+            "for membership scores; their exposure p-values, which compare each record only with alternatives "
+            "from its own secret space, do not depend on this."
+        )
+    else:
+        twins_note = None
     section = {
         "status": "ok",
         "verdict": verdict,
+        "caution": caution,
+        "canary_share_of_training": share,
+        "twins_note": twins_note,
         "repeats": int(cs.repeats),
         "n_canaries": can.height,
         "n_twins": twin.height,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Annotated, Any, ClassVar, cast
 
 import numpy as np
 import polars as pl
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ehrmem.audits.base import Audit, AuditContext, TestResult, score_in_chunks
 from ehrmem.audits.masking import MASKING_DESCRIPTION, MaskingConfig, masking_variance_scores
 from ehrmem.data.meds import SUBJECT_ID
+from ehrmem.data.tokenizer import EventTokenizer
 from ehrmem.errors import InputError, NumericalError
 from ehrmem.models.ngram import BigramReference
 from ehrmem.models.protocol import TokenScores
@@ -54,7 +55,7 @@ class MembershipConfig(BaseModel):
 
     enabled: bool = True
     min_k_fraction: float = Field(0.2, gt=0, le=1)
-    target_fprs: list[float] = Field(default_factory=lambda: [0.01, 0.001])
+    target_fprs: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.01, 0.001], min_length=1)
     n_bootstrap: int = Field(1000, ge=100)
     min_per_class: int = Field(5, ge=2, description="fewest members and non-members for a reported AUC")
     max_tokens: int | None = Field(None, ge=2, description="tokens scored per subject (default: context window)")
@@ -110,6 +111,38 @@ def evaluate_attack(labels: np.ndarray, scores: np.ndarray, cfg: MembershipConfi
         "n_members": summary["n_pos"],
         "n_nonmembers": summary["n_neg"],
     }
+
+
+def verify_reference_model(ref_dir: Path, tokenizer: EventTokenizer, members: set[int]) -> dict:
+    """Failure kind 7: the calibration reference exists, says what it was trained on, saw none of the
+    audited members and shares the audited model's vocabulary. Returns its training manifest."""
+    from ehrmem.models.train import read_manifest
+
+    if not ref_dir.is_dir():
+        raise InputError("The reference model does not exist.", file=ref_dir, expected="a model directory")
+    manifest = read_manifest(ref_dir)
+    if manifest is None:
+        raise InputError(
+            "The reference model has no training manifest, so ehrmem cannot verify that it never saw the members.",
+            file=ref_dir / "training_manifest.json",
+            expected="a reference trained with `ehrmem train` on non-member data",
+        )
+    clash = {int(s) for s in manifest["trained_subjects"]} & members
+    if clash:
+        raise InputError(
+            "The reference model was trained on audited members.",
+            file=ref_dir / "training_manifest.json",
+            column="trained_subjects",
+            value=f"{len(clash)} members, e.g. {sorted(clash)[:5]}",
+            expected="a reference trained only on non-member data",
+        )
+    if EventTokenizer.load(ref_dir).vocab != tokenizer.vocab:
+        raise InputError(
+            "The reference model's vocabulary differs from the audited model's.",
+            file=ref_dir / "vocab.parquet",
+            expected="the same vocabulary table: train the reference with `ehrmem train ... --vocab-from MODEL`",
+        )
+    return manifest
 
 
 def _weights_hash(model_dir: Path) -> str:
@@ -359,39 +392,12 @@ class MembershipAudit(Audit):
         self, ids: list[int], labels: np.ndarray, seqs: list[np.ndarray], target_mean: np.ndarray
     ) -> tuple[pl.DataFrame, dict]:
         from ehrmem.models.hf import HFCausalLM
-        from ehrmem.models.train import read_manifest
 
         ctx, cfg = self.context, self.config
         ref_dir = Path(cfg.reference_model)  # type: ignore[arg-type]
-        if not ref_dir.is_dir():
-            raise InputError("The reference model does not exist.", file=ref_dir, expected="a model directory")
-        manifest = read_manifest(ref_dir)
-        if manifest is None:
-            raise InputError(
-                "The reference model has no training manifest, so ehrmem cannot verify that it never saw the members.",
-                file=ref_dir / "training_manifest.json",
-                expected="a reference trained with `ehrmem train` on non-member data",
-            )
-        ref_trained = {int(s) for s in manifest["trained_subjects"]}
         members = {s for s, y in zip(ids, labels, strict=True) if y == 1}
-        clash = ref_trained & members
-        if clash:
-            raise InputError(
-                "The reference model was trained on audited members.",
-                file=ref_dir / "training_manifest.json",
-                column="trained_subjects",
-                value=f"{len(clash)} members, e.g. {sorted(clash)[:5]}",
-                expected="a reference trained only on non-member data",
-            )
-        from ehrmem.data.tokenizer import EventTokenizer
-
-        ref_tok = EventTokenizer.load(ref_dir)
-        if ref_tok.vocab != ctx.tokenizer.vocab:
-            raise InputError(
-                "The reference model's vocabulary differs from the audited model's.",
-                file=ref_dir / "vocab.parquet",
-                expected="the same vocabulary table",
-            )
+        manifest = verify_reference_model(ref_dir, ctx.tokenizer, members)
+        ref_trained = {int(s) for s in manifest["trained_subjects"]}
         ref = HFCausalLM.from_pretrained(ref_dir, pad_id=ctx.tokenizer.pad_id)
         keep = [i for i, s in enumerate(ids) if s not in ref_trained]
         ref_scores = ref.token_scores([seqs[i] for i in keep], batch_size=ctx.batch_size)

@@ -63,7 +63,7 @@ from scipy.stats import rankdata, spearmanr
 from ehrmem.audits.base import Audit, AuditContext, TestResult
 from ehrmem.data.catalogue import Catalogue, default_catalogue, load_catalogue
 from ehrmem.data.meds import BIRTH_CODE, CODE, SUBJECT_ID, TIME
-from ehrmem.data.prompts import DEFAULT_TIERS, tier_name
+from ehrmem.data.prompts import DEFAULT_TIERS, Tiers, tier_name
 from ehrmem.errors import NumericalError
 from ehrmem.stats import auc_summary, bootstrap_ci
 
@@ -96,7 +96,7 @@ class PatientsConfig(BaseModel):
     )
     top_n: int = Field(20, ge=0, description="most exposed patients listed in the report")
     n_bootstrap: int = Field(1000, ge=100)
-    tiers: list[int] = Field(
+    tiers: Tiers = Field(
         default_factory=lambda: list(DEFAULT_TIERS), description="prompt tiers (k timed events) for uniqueness"
     )
     age_bands: list[int] = Field(
@@ -371,8 +371,7 @@ class PatientsAudit(Audit):
         if tok is not None:
             codes = codes.filter(pl.col(CODE).is_in(list(tok.index)))
         per = (
-            codes
-            .join(counts, on=CODE, how="left")
+            codes.join(counts, on=CODE, how="left")
             .join(audited.select(SUBJECT_ID, "member"), on=SUBJECT_ID, how="left")
             .with_columns((pl.col("_n_train").fill_null(0) + (1 - pl.col("member").cast(pl.Int64))).alias("_holders"))
             .group_by(SUBJECT_ID)

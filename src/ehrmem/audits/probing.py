@@ -66,7 +66,7 @@ from threadpoolctl import threadpool_limits
 from ehrmem.audits.base import Audit, AuditContext, TestResult
 from ehrmem.data.catalogue import Catalogue, default_catalogue, load_catalogue
 from ehrmem.data.meds import CODE, SUBJECT_ID
-from ehrmem.data.prompts import DEFAULT_TIERS, build_prompt, category_first_events, tier_name
+from ehrmem.data.prompts import DEFAULT_TIERS, Tiers, build_prompt, category_first_events, tier_name
 from ehrmem.data.tokenizer import EncodedSubject
 from ehrmem.errors import InputError, NumericalError
 from ehrmem.models.protocol import Pooling
@@ -89,7 +89,7 @@ class ProbingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    tiers: list[int] = Field(default_factory=lambda: list(DEFAULT_TIERS), description="timed events per prompt")
+    tiers: Tiers = Field(default_factory=lambda: list(DEFAULT_TIERS), description="timed events per prompt")
     pooling: Pooling = "mean"
     probes: list[ProbeName] = Field(default_factory=lambda: list(DEFAULT_PROBES), min_length=1)
     n_folds: int = Field(5, ge=2, description="stratified folds over members")
@@ -99,13 +99,6 @@ class ProbingConfig(BaseModel):
     n_bootstrap: int = Field(1000, ge=100)
     categories: list[str] | None = Field(None, description="catalogue categories to probe (default: all)")
     catalogue_path: Path | None = Field(None, description="a catalogue file replacing the packaged one")
-
-    @field_validator("tiers")
-    @classmethod
-    def _check_tiers(cls, tiers: list[int]) -> list[int]:
-        if not tiers or any(k < 0 for k in tiers):
-            raise ValueError(f"tiers must be a non-empty list of event counts >= 0, got {tiers}")
-        return sorted(set(tiers))
 
     @field_validator("probes")
     @classmethod

@@ -35,7 +35,7 @@ from ehrmem.audits.generation import (
 )
 from ehrmem.data.hierarchy import CodeDistance, CodeHierarchy
 from ehrmem.data.meds import SUBJECT_ID
-from ehrmem.data.prompts import DEFAULT_TIERS, build_prompts, tier_name, true_continuation
+from ehrmem.data.prompts import DEFAULT_TIERS, Tiers, build_prompts, tier_name, true_continuation
 from ehrmem.stats import auc_summary, bootstrap_ci, two_sample_test
 from ehrmem.stats.distance import code_precision_recall, emd_many, longest_common_run
 
@@ -48,7 +48,7 @@ class ReconstructionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    tiers: list[int] = Field(default_factory=lambda: list(DEFAULT_TIERS))
+    tiers: Tiers = Field(default_factory=lambda: list(DEFAULT_TIERS))
     code_distance: Literal["hierarchy", "exact", "embedding"] = "hierarchy"
     time_weight: float = Field(1.0, ge=0)
     rare_max_subjects: int = Field(

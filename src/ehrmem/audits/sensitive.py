@@ -25,7 +25,7 @@ from ehrmem.audits.base import Audit, AuditContext, TestResult
 from ehrmem.audits.generation import SamplingConfig, population_samples, sample_prompts
 from ehrmem.data.catalogue import Catalogue, load_catalogue
 from ehrmem.data.meds import CODE, SUBJECT_ID
-from ehrmem.data.prompts import DEFAULT_TIERS, build_prompts, category_first_events, tier_name
+from ehrmem.data.prompts import DEFAULT_TIERS, Tiers, build_prompts, category_first_events, tier_name
 from ehrmem.errors import EhrmemError, InputError
 from ehrmem.stats import auc_comparison, auc_summary, auprc_summary, binary_rates, tpr_at_fpr
 
@@ -38,7 +38,7 @@ class SensitiveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    tiers: list[int] = Field(default_factory=lambda: list(DEFAULT_TIERS))
+    tiers: Tiers = Field(default_factory=lambda: list(DEFAULT_TIERS))
     catalogue: Path | None = Field(None, description="a catalogue file replacing the packaged one")
     catalogue_extend: list[Path] = Field(default_factory=list, description="catalogue files added to it")
     categories: list[str] | None = Field(None, description="only these categories (default: all)")

@@ -103,6 +103,26 @@ class MedsDataset:
         )
 
 
+def _unreadable(fp: Path, e: Exception) -> InputError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return InputError("Cannot read the parquet file.", file=fp, value=first, expected="a readable parquet file")
+
+
+def _read_schema(fp: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(fp)
+    except (OSError, pa.ArrowException) as e:
+        raise _unreadable(fp, e) from e
+
+
+def read_parquet_file(fp: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """``polars.read_parquet`` whose failures on a corrupt or foreign file are input errors naming the file."""
+    try:
+        return pl.read_parquet(fp, columns=columns)
+    except (OSError, pa.ArrowException, pl.exceptions.PolarsError) as e:
+        raise _unreadable(fp, e) from e
+
+
 def _data_files(root: Path) -> list[Path]:
     data_dir = root / meds.data_subdirectory
     if not data_dir.is_dir():
@@ -185,10 +205,10 @@ def _check_columns(fp: Path, schema: pa.Schema, value_column: str) -> None:
 
 
 def _read_shard(fp: Path, value_column: str) -> pl.DataFrame:
-    schema = pq.read_schema(fp)
+    schema = _read_schema(fp)
     _check_columns(fp, schema, value_column)
     cols = [SUBJECT_ID, TIME, CODE] + ([value_column] if value_column in schema.names else [])
-    df = pl.read_parquet(fp, columns=cols)
+    df = read_parquet_file(fp, columns=cols)
     if value_column in df.columns:
         df = df.rename({value_column: NUMERIC_VALUE}) if value_column != NUMERIC_VALUE else df
         df = df.with_columns(pl.col(NUMERIC_VALUE).cast(pl.Float32))
@@ -245,7 +265,7 @@ def _read_splits(root: Path, data_files: list[Path], split_source: SplitSource) 
                     value=rel[0] if len(rel) > 1 else "(top level)",
                     expected=f"one of {list(SPLITS)}",
                 )
-            ids = pl.read_parquet(fp, columns=[SUBJECT_ID])[SUBJECT_ID].unique()
+            ids = read_parquet_file(fp, columns=[SUBJECT_ID])[SUBJECT_ID].unique()
             rows.append(pl.DataFrame({SUBJECT_ID: ids, SPLIT: [rel[0]] * len(ids)}))
         return pl.concat(rows).unique(maintain_order=True)
     fp = root / meds.subject_splits_filepath
@@ -259,7 +279,7 @@ def _read_splits(root: Path, data_files: list[Path], split_source: SplitSource) 
                 "or split_source='none' with a model whose training manifest lists its members"
             ),
         )
-    schema = pq.read_schema(fp)
+    schema = _read_schema(fp)
     for col in (SUBJECT_ID, SPLIT):
         if col not in schema.names:
             raise InputError(
@@ -268,9 +288,16 @@ def _read_splits(root: Path, data_files: list[Path], split_source: SplitSource) 
                 column=col,
                 expected=f"columns {SUBJECT_ID!r} and {SPLIT!r}; found {schema.names}",
             )
-    splits = pl.read_parquet(fp, columns=[SUBJECT_ID, SPLIT]).with_columns(
-        pl.col(SUBJECT_ID).cast(pl.Int64), pl.col(SPLIT).cast(pl.String)
-    )
+    raw = read_parquet_file(fp, columns=[SUBJECT_ID, SPLIT])
+    if not (raw[SUBJECT_ID].dtype.is_integer() or raw[SUBJECT_ID].dtype == pl.Null):
+        raise InputError(
+            "Subject ids in the split file are not integers.",
+            file=fp,
+            column=SUBJECT_ID,
+            value=f"{raw[SUBJECT_ID].dtype}: {raw[SUBJECT_ID].head(3).to_list()}",
+            expected="int64 subject ids, as in the data shards",
+        )
+    splits = raw.with_columns(pl.col(SUBJECT_ID).cast(pl.Int64), pl.col(SPLIT).cast(pl.String))
     unknown = sorted(set(splits[SPLIT].drop_nulls().unique().to_list()) - set(SPLITS))
     if unknown or splits[SPLIT].null_count():
         raise InputError(
@@ -326,6 +353,12 @@ def load_meds(
         raise InputError("The MEDS dataset directory does not exist.", file=root, expected="a directory")
     if split_source not in ("file", "directories", "none"):
         raise InputError("Unknown split source.", value=split_source, expected="'file', 'directories' or 'none'")
+    if value_column in (SUBJECT_ID, TIME, CODE):
+        raise InputError(
+            "The value column cannot be one of the MEDS key columns.",
+            column=value_column,
+            expected=f"the column of numeric values (default {NUMERIC_VALUE!r}), not {SUBJECT_ID}, {TIME} or {CODE}",
+        )
     files = _data_files(root)
     keep = None if subjects is None else {int(s) for s in subjects}
     shards = []
@@ -363,11 +396,11 @@ def load_meds(
     codes = None
     codes_fp = root / meds.code_metadata_filepath
     if codes_fp.exists():
-        cschema = pq.read_schema(codes_fp)
+        cschema = _read_schema(codes_fp)
         if CODE not in cschema.names:
             raise InputError("codes.parquet has no code column.", file=codes_fp, column=CODE)
         cols = [c for c in (CODE, "description", "parent_codes") if c in cschema.names]
-        codes = pl.read_parquet(codes_fp, columns=cols).with_columns(pl.col(CODE).cast(pl.String))
+        codes = read_parquet_file(codes_fp, columns=cols).with_columns(pl.col(CODE).cast(pl.String))
     meta_fp = root / meds.dataset_metadata_filepath
     metadata: dict = {}
     if meta_fp.exists():

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import polars as pl
+from pydantic import AfterValidator
 
 from ehrmem.data.meds import CODE, SUBJECT_ID, TIME
 from ehrmem.data.tokenizer import EncodedSubject
@@ -24,6 +25,16 @@ from ehrmem.errors import InputError
 
 TruncationPolicy = Literal["keep_recent", "skip"]
 DEFAULT_TIERS = (0, 10, 20, 50)
+
+
+def _check_tiers(tiers: list[int]) -> list[int]:
+    if not tiers or any(k < 0 for k in tiers):
+        raise ValueError(f"tiers must be a non-empty list of event counts >= 0, got {tiers}")
+    return sorted(set(tiers))
+
+
+#: Attacker-knowledge tiers in a configuration: event counts >= 0, at least one, sorted, without repeats.
+Tiers = Annotated[list[int], AfterValidator(_check_tiers)]
 
 
 def tier_name(k: int) -> str:

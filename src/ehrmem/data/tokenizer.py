@@ -323,7 +323,9 @@ class EventTokenizer:
                     file=fp,
                     expected=f"{VOCAB_FILE} and {TOKENIZER_FILE} as written by `ehrmem train`",
                 )
-        table = pl.read_parquet(vfp)
+        from ehrmem.data.meds import read_parquet_file
+
+        table = read_parquet_file(vfp)
         for col in (CODE, VOCAB_INDEX):
             if col not in table.columns:
                 raise InputError(
@@ -342,7 +344,18 @@ class EventTokenizer:
                 value=idx[:10].tolist(),
                 expected="0, 1, 2, ...",
             )
-        cfg = json.loads(tfp.read_text())
+        try:
+            cfg = json.loads(tfp.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError("The tokenizer file is not valid JSON.", file=tfp, value=str(e)[:200]) from e
+        missing = [k for k in ("value_bins", "n_value_bins", "min_code_subjects") if k not in cfg]
+        if not isinstance(cfg, dict) or missing:
+            raise InputError(
+                "The tokenizer file lacks required entries.",
+                file=tfp,
+                value=missing or type(cfg).__name__,
+                expected="value_bins, n_value_bins and min_code_subjects, as written by `ehrmem train`",
+            )
         counts = {}
         if "n_train_subjects" in table.columns:
             counts = {c: int(n) for c, n in zip(table[CODE], table["n_train_subjects"], strict=True) if n is not None}

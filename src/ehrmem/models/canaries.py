@@ -727,6 +727,7 @@ def train_with_canaries(
     length_events: int = 64,
     secret_events: int = 8,
     progress: Callable[[int, int, float], None] | None = None,
+    tokenizer: EventTokenizer | None = None,
 ) -> Path:
     """Train the reference model with ``n_canaries`` canaries repeated ``repeats`` times; twins held out.
 
@@ -739,13 +740,25 @@ def train_with_canaries(
     seed
         Seed of the canaries (defaults to ``cfg.seed``).
     """
+    from ehrmem.models.train import check_output_dir
+
     cfg = cfg or TrainConfig()
+    check_output_dir(Path(out_dir))
+    if n_canaries < 1 or repeats < 1:
+        raise InputError(
+            "Canaries need n_canaries >= 1 and repeats >= 1.",
+            value=f"n_canaries={n_canaries}, repeats={repeats}",
+            expected="positive integers (0 canaries: train without them)",
+        )
     # The same selection and fit as train_reference_model; the fitted tokenizer is then handed to it.
     subjects: list[int] = []
     for split in cfg.splits:
         subjects += dataset.subject_ids(split)
     train_events = dataset.events.filter(pl.col(SUBJECT_ID).is_in(subjects))
-    tokenizer = EventTokenizer.fit(train_events, n_value_bins=cfg.n_value_bins, min_code_subjects=cfg.min_code_subjects)
+    if tokenizer is None:
+        tokenizer = EventTokenizer.fit(
+            train_events, n_value_bins=cfg.n_value_bins, min_code_subjects=cfg.min_code_subjects
+        )
     encoded = tokenizer.encode(train_events, max_events=cfg.max_events)
     cs = make_canaries(
         tokenizer,

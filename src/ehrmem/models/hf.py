@@ -31,9 +31,28 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def pick_device(device: str | None = None) -> torch.device:
     """The requested device, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InputError("Unknown device.", value=device, expected="cpu, cuda, cuda:N or mps") from e
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+    }
+    if not available.get(dev.type, False):
+        raise InputError(
+            "The requested device is not available on this machine.",
+            value=device,
+            expected="cpu" + (", cuda" if available["cuda"] else "") + " (or leave --device unset)",
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            "No such CUDA device.", value=device, expected=f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
+    return dev
 
 
 def trajectory_seed(seed: int, trajectory: int) -> int:
@@ -51,12 +70,17 @@ class _SeededSampler(LogitsProcessor):
     exactly that token. Rows therefore never share a random stream.
     """
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, n_valid: int | None = None) -> None:
         self.temperature = temperature
         self.top_p = top_p
+        self.n_valid = n_valid
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.n_valid is not None and self.n_valid < scores.shape[-1]:
+            # Embedding rows past the vocabulary table (a padded vocabulary) are never a token.
+            scores = cast(torch.FloatTensor, scores.clone())
+            scores[:, self.n_valid :] = float("-inf")
         if self.temperature == 0.0:
             return scores
         logits = scores.float() / self.temperature
@@ -122,8 +146,12 @@ class HFCausalLM:
         Where to run; defaults to CUDA when available.
     """
 
-    def __init__(self, model: torch.nn.Module, *, pad_id: int = 0, device: str | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, pad_id: int = 0, device: str | None = None, n_tokens: int | None = None
+    ) -> None:
         self.device = pick_device(device)
+        # Tokens the vocabulary defines; a model's embedding table may be padded beyond them.
+        self.n_tokens = n_tokens
         self.model = model.to(self.device).eval()
         self.pad_id = int(pad_id)
         cfg = cast("PreTrainedConfig", model.config)
@@ -141,6 +169,7 @@ class HFCausalLM:
         device: str | None = None,
         allow_pickle: bool = False,
         dtype: torch.dtype | None = None,
+        n_tokens: int | None = None,
     ) -> HFCausalLM:
         """Load a HuggingFace model directory; refuse pickled weights unless ``allow_pickle``."""
         d = Path(model_dir)
@@ -163,9 +192,9 @@ class HFCausalLM:
             model = AutoModelForCausalLM.from_pretrained(
                 d, use_safetensors=bool(safes), dtype=dtype or torch.float32, local_files_only=True
             )
-        except (OSError, ValueError) as e:
-            raise ModelError(f"Could not load the model in {d}: {e}") from e
-        return cls(model, pad_id=pad_id, device=device)
+        except Exception as e:  # corrupt weights raise the safetensors library's own error types
+            raise ModelError(f"Could not load the model in {d}: {type(e).__name__}: {e}") from e
+        return cls(model, pad_id=pad_id, device=device, n_tokens=n_tokens)
 
     @property
     def context_length(self) -> int:
@@ -314,7 +343,9 @@ class HFCausalLM:
             for r, s in enumerate(seqs):
                 ids[r, width - len(s) :] = s
                 mask[r, width - len(s) :] = 1
-            sampler = _SeededSampler([trajectory_seed(seeds[i], j) for i, j in chunk], temperature, top_p)
+            sampler = _SeededSampler(
+                [trajectory_seed(seeds[i], j) for i, j in chunk], temperature, top_p, n_valid=self.n_tokens
+            )
             # self.model is a HuggingFace causal LM, whose generate comes from GenerationMixin.
             gen = cast("GenerationMixin", self.model).generate(
                 input_ids=torch.from_numpy(ids).to(self.device),

@@ -57,7 +57,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, le=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     splits: list[str] = Field(default_factory=lambda: ["train"])
     min_code_subjects: int = Field(2, ge=1)
     n_value_bins: int = Field(10, ge=2)
@@ -156,6 +156,7 @@ def train_reference_model(
     """
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
+    check_output_dir(out)
     if dataset.splits is None:
         raise InputError(
             "Training needs split information to know which subjects to train on.",
@@ -180,7 +181,18 @@ def train_reference_model(
     )
     encoded = tokenizer.encode(train_events, max_events=cfg.max_events)
     seqs = windows(encoded, cfg.context_length)
+    n_real = len(seqs)
     seqs += [np.asarray(s, dtype=np.int64)[: cfg.context_length] for _, s in extra_sequences]
+    if extra_sequences and len(extra_sequences) > CANARY_SHARE_WARNING * n_real:
+        logger.warning(
+            "The %d injected sequences are %.0f%% as many as the %d real training windows: every epoch takes that "
+            "many more optimizer steps, so this model fits its real patients more closely than one trained "
+            "without them, and its audit overstates the memorisation of a canary-free model. Keep canaries a "
+            "small share of training (fewer canaries or repeats, or a larger dataset).",
+            len(extra_sequences),
+            100 * len(extra_sequences) / max(1, n_real),
+            n_real,
+        )
     logger.info(
         "Training %s on %d subjects of split(s) %s: %d windows of <= %d tokens, vocabulary %d",
         cfg.architecture,
@@ -193,7 +205,9 @@ def train_reference_model(
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ehrmem.models.hf import pick_device
+
+    device = pick_device(cfg.device)
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.pad_id).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -258,10 +272,13 @@ def train_reference_model(
         "trained_subjects": [int(s) for s in subjects],
         "n_trained_subjects": len(subjects),
         "n_windows": len(seqs),
+        "n_real_windows": n_real,
+        "n_injected_sequences": len(seqs) - n_real,
         "windows_sha256": _fingerprint(seqs),
         "settings": cfg.model_dump(),
         "n_parameters": int(n_params),
         "vocab_size": tokenizer.vocab_size,
+        "vocab_sha256": hashlib.sha256("\n".join(tokenizer.vocab).encode()).hexdigest(),
         "loss_per_epoch": history,
         "train_seconds": elapsed,
         "versions": {
@@ -274,17 +291,51 @@ def train_reference_model(
         manifest.update(extra_manifest)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     if out.exists():
-        if not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
+        try:
+            check_output_dir(out)  # again: something may have been written there during training
+        except InputError:
             shutil.rmtree(tmp)
-            raise InputError(
-                "The output directory exists and is not an ehrmem model; refusing to overwrite it.",
-                file=out,
-                expected="a new path, or a directory written by `ehrmem train`",
-            )
+            raise
         shutil.rmtree(out)
     os.replace(tmp, out)
     logger.info("Wrote the reference model to %s (final training loss %.3f, %.0f s)", out, history[-1], elapsed)
     return out
+
+
+#: Injected sequences (canaries) above this share of the real training windows draw a warning.
+CANARY_SHARE_WARNING = 0.1
+
+#: What `ehrmem train` writes into a model directory; anything else there is the user's and is never deleted.
+_MODEL_FILES = ("config.json", "generation_config.json", "vocab.parquet", "tokenizer.json", MANIFEST_FILE)
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any training, an output path whose replacement would lose something.
+
+    A new path, an empty directory, or a model directory written by ``ehrmem train`` holding only its own
+    files can be (re)written; a file, another directory, or a model directory with other files in it cannot.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError("The output path is a file.", file=out, expected="a new path or a model directory")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    if not (out / MANIFEST_FILE).exists():
+        raise InputError(
+            "The output directory exists and is not an ehrmem model; refusing to overwrite it.",
+            file=out,
+            expected="a new path, or a directory written by `ehrmem train`",
+        )
+    foreign = sorted(p.name for p in entries if p.name not in _MODEL_FILES and p.suffix != ".safetensors")
+    if foreign:
+        raise InputError(
+            "The output directory is an ehrmem model that also holds other files; replacing it would delete them.",
+            file=out,
+            value=", ".join(foreign[:5]),
+            expected="a new path, or move those files out first",
+        )
 
 
 def read_manifest(model_dir: str | Path) -> dict | None:
