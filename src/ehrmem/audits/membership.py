@@ -317,8 +317,8 @@ class MembershipAudit(Audit):
             b = attacks[best]
             lo, hi = b["auc_ci_familywise"]
             result.reason = (
-                f"best attack {best}: AUC {b['auc']:.3f} [{lo:.3f}, {hi:.3f}] (simultaneous {familywise:.1%} "
-                f"interval over {len(defined)} attacks)"
+                f"best attack {best}: AUC {b['auc']:.3f} [{lo:.3f}, {hi:.3f}] (95% simultaneous over "
+                f"{len(defined)} attacks, each interval at {familywise:.1%})"
             )
         result.tables["membership_scores"] = table
         return result
