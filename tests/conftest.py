@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CANDIDATES = [
     os.environ.get("EHRMEM_DEMO_DATA"),
     str(REPO.parent / "shared" / "data" / "mimic-iv-demo-meds"),
+    # The copy `ehrmem demo-data` (or `make demo`) caches from the package registry.
+    str(Path(os.environ.get("EHRMEM_CACHE_DIR") or Path.home() / ".cache" / "ehrmem") / "mimic-iv-demo-meds"),
 ]
 
 CODES = [
