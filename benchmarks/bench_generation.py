@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import transformers
+from _machine import THREADS_HELP, machine_info
 from transformers import GenerationConfig
 
 from ehrmem.audits.base import AuditContext
@@ -57,23 +56,6 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "mimic-iv-demo-meds"
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "bench_generation.json"
 GOAL = 0.8
 PURPOSE = "bench"
-THREADS_HELP = (
-    "torch intra-op threads (0: torch's default). Default 1: on a small machine shared with other jobs, "
-    "torch's OpenMP threads wait on descheduled partners and every forward slows down 20-40x, erratically"
-)
-
-
-def machine_info() -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 class CountingModel:

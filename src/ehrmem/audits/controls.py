@@ -36,6 +36,7 @@ from ehrmem.audits.membership import attack_scores
 from ehrmem.data.meds import SUBJECT_ID
 from ehrmem.data.prompts import prompt_seed
 from ehrmem.models.canaries import CanarySet, canary_exposure, load_canaries
+from ehrmem.models.train import CANARY_SHARE_WARNING
 from ehrmem.stats import auc_summary, clopper_pearson_interval, tpr_at_fpr
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def _measure(
     n_real = man.get("n_real_windows", max(0, int(man.get("n_windows", 0)) - n_injected))
     share = n_injected / n_real if n_real else None
     caution = None
-    if share is not None and share > 0.1:
+    if share is not None and share > CANARY_SHARE_WARNING:
         caution = (
             f"The canaries were {share:.0%} as many sequences as the real training windows ({n_injected} vs {n_real}): "
             "they add optimizer steps, so this model fits its real patients more closely than the same model "

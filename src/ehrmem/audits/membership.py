@@ -65,6 +65,12 @@ class MembershipConfig(BaseModel):
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
 
 
+def claim_interval(attack: dict) -> list:
+    """The AUC interval a claim about the strongest attack must read: simultaneous over the attacks
+    (``auc_ci_familywise``), or the attack's own 95% interval in reports written before it existed."""
+    return attack.get("auc_ci_familywise") or attack["auc_ci95"]
+
+
 def min_k(logprob: np.ndarray, fraction: float) -> float:
     """Mean of the lowest ``fraction`` of the values (at least one)."""
     k = max(1, int(np.ceil(fraction * logprob.size)))

@@ -70,7 +70,7 @@ from ehrmem.data.prompts import DEFAULT_TIERS, Tiers, build_prompt, category_fir
 from ehrmem.data.tokenizer import EncodedSubject
 from ehrmem.errors import InputError, NumericalError
 from ehrmem.models.protocol import Pooling
-from ehrmem.stats import auc_summary, auprc_summary
+from ehrmem.stats import ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -385,16 +385,10 @@ def probe_metrics(
     reason = _too_few(n_pos, n_neg, min_positives, "subjects")
     if reason is not None:
         return _undefined_entry(n_pos, n_neg, reason)
-    auc = auc_summary(y, probabilities, n_boot=n_boot, seed=seed, min_per_class=min_positives)
-    ap = auprc_summary(y, probabilities, n_boot=n_boot, seed=seed, min_per_class=min_positives)
     return {
         "status": "ok",
         "reason": None,
-        "auroc": auc["auc"],
-        "auroc_ci95": auc["auc_ci95"],
-        "auprc": ap["auprc"],
-        "auprc_ci95": ap["auprc_ci95"],
-        "prevalence": ap["prevalence"],
+        **ranking_metrics(y, probabilities, n_boot=n_boot, seed=seed, min_per_class=min_positives),
         "n_pos": n_pos,
         "n_neg": n_neg,
     }
@@ -699,7 +693,8 @@ class ProbingAudit(Audit):
                         best = (
                             m["auroc"],
                             f"highest unseen-member AUROC: {name} at tier {tier} ({probe}) "
-                            f"{m['auroc']:.3f} [{lo:.3f}, {hi:.3f}]{gain_txt}",
+                            f"{m['auroc']:.3f} [{lo:.3f}, {hi:.3f}]{gain_txt} (the largest of all probes and tiers: a "
+                            "selected maximum, its interval not corrected for the choice; the risk matrix corrects)",
                         )
         if n_defined == 0:
             result.status = "undefined"

@@ -27,7 +27,7 @@ from ehrmem.data.catalogue import Catalogue, load_catalogue
 from ehrmem.data.meds import CODE, SUBJECT_ID
 from ehrmem.data.prompts import DEFAULT_TIERS, Tiers, build_prompts, category_first_events, tier_name
 from ehrmem.errors import EhrmemError, InputError
-from ehrmem.stats import auc_comparison, auc_summary, auprc_summary, binary_rates, tpr_at_fpr
+from ehrmem.stats import auc_comparison, binary_rates, ranking_metrics, tpr_at_fpr
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +64,14 @@ def _group_metrics(
             "status": "undefined",
             "reason": f"{n_pos} positives and {n_neg} negatives; at least {cfg.min_positives} of each needed",
         }
-    auc = auc_summary(labels, scores, n_boot=cfg.n_bootstrap, seed=seed, min_per_class=cfg.min_positives)
-    ap = auprc_summary(labels, scores, n_boot=cfg.n_bootstrap, seed=seed, min_per_class=cfg.min_positives)
+    ranking = ranking_metrics(labels, scores, n_boot=cfg.n_bootstrap, seed=seed, min_per_class=cfg.min_positives)
     rates = binary_rates(labels, scores > threshold)
     low = tpr_at_fpr(labels, scores, cfg.target_fpr)
     return {
         **base,
         "status": "ok",
         "reason": None,
-        "auroc": auc["auc"],
-        "auroc_ci95": auc["auc_ci95"],
-        "auprc": ap["auprc"],
-        "auprc_ci95": ap["auprc_ci95"],
+        **{k: v for k, v in ranking.items() if k != "prevalence"},
         "precision": rates.get("precision"),
         "precision_ci95": rates.get("precision_ci95"),
         "recall": rates.get("recall"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ehrmem.audits.base import TestResult
+from ehrmem.audits.membership import claim_interval
 from ehrmem.data.cohort import Cohort
 
 REPORT_SCHEMA_VERSION = "1.0"
@@ -30,7 +31,7 @@ def _headline(results: dict[str, TestResult]) -> str:
         return "Membership inference could not be evaluated; see T4."
     best = t4.section["best_attack"]
     a = t4.section["attacks"][best]
-    lo, hi = a.get("auc_ci_familywise") or a["auc_ci95"]
+    lo, hi = claim_interval(a)
     n_attacks = sum(x.get("status") == "ok" for x in t4.section["attacks"].values())
     verdict = (
         "members are distinguishable from non-members"

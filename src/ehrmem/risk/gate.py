@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ehrmem.audits.membership import claim_interval
 from ehrmem.data.catalogue import HarmTier
 from ehrmem.risk.matrix import tier_k
 
@@ -179,11 +180,6 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _auc_ci(attack: dict) -> list:
-    """An attack's simultaneous interval over all T4 attacks (its own 95% interval in older reports)."""
-    return attack.get("auc_ci_familywise") or attack["auc_ci95"]
-
-
 def _t4_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
     status, t4 = _test(report, "T4")
     name_auc, name_tpr = "T4 membership AUC (lower 95% bound)", f"T4 TPR at {th.low_fpr:g} FPR (lower 95% bound)"
@@ -210,8 +206,8 @@ def _t4_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
         )
     else:
         # Simultaneous intervals over the attacks: the gate reads the best of several, a selected maximum.
-        worst, a = max(ok.items(), key=lambda kv: _auc_ci(kv[1])[0])
-        lo = float(_auc_ci(a)[0])
+        worst, a = max(ok.items(), key=lambda kv: claim_interval(kv[1])[0])
+        lo = float(claim_interval(a)[0])
         st = "fail" if lo > th.max_membership_auc_lower else "pass"
         out.append(
             _check(
@@ -222,7 +218,7 @@ def _t4_checks(report: dict, th: GateThresholds) -> list[dict[str, Any]]:
                 lo,
                 th.max_membership_auc_lower,
                 f"attack {worst}: AUC {_fmt(a.get('auc'))} (simultaneous 95% CI over {len(ok)} attacks "
-                f"{_fmt(lo)}-{_fmt(_auc_ci(a)[1])}) on "
+                f"{_fmt(lo)}-{_fmt(claim_interval(a)[1])}) on "
                 f"{a.get('n_members')} members and {a.get('n_nonmembers')} non-members; "
                 + ("members are distinguishable beyond the threshold" if st == "fail" else "within the threshold"),
             )

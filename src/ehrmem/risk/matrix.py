@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ehrmem.audits.membership import claim_interval
 from ehrmem.data.catalogue import HARM_TIERS, Catalogue, default_catalogue
 from ehrmem.stats import auc_comparison
 
@@ -236,12 +237,9 @@ def _overall_evidence(report: dict, low_k: int, strong_auc: float, strong_tpr: f
                 "detail": f"no membership attack could be evaluated ({t4.get('reason')})",
             }
         else:
-
-            def ci(a: dict) -> list:  # simultaneous over the attacks: the best of several is a selected maximum
-                return a.get("auc_ci_familywise") or a["auc_ci95"]
-
-            name, a = max(attacks.items(), key=lambda kv: ci(kv[1])[0])
-            lo = ci(a)[0]
+            # Simultaneous over the attacks: the best of several is a selected maximum.
+            name, a = max(attacks.items(), key=lambda kv: claim_interval(kv[1])[0])
+            lo = claim_interval(a)[0]
             tpr = ((a.get("tpr_at_fpr") or {}).get("0.01")) or {}
             tpr_lo = (tpr.get("tpr_ci95") or [None])[0]
             if lo > strong_auc or (tpr_lo is not None and tpr_lo > strong_tpr):
@@ -254,9 +252,10 @@ def _overall_evidence(report: dict, low_k: int, strong_auc: float, strong_tpr: f
                 "likelihood": level,
                 "attack": name,
                 "auc": a["auc"],
-                "auc_ci95": ci(a),
+                "auc_ci95": claim_interval(a),
                 "tpr_at_1pct_fpr": tpr.get("tpr"),
-                "detail": f"membership attack {name}: AUC {_fmt_ci(a['auc'], ci(a))} (simultaneous over the attacks)",
+                "detail": f"membership attack {name}: AUC {_fmt_ci(a['auc'], claim_interval(a))} "
+                "(simultaneous over the attacks)",
             }
     t1 = section_of(report, "T1")
     if t1 is None:

@@ -18,6 +18,7 @@ from ehrmem.stats.roc import (
     auprc_summary,
     binary_rates,
     check_binary,
+    ranking_metrics,
     roc_curve,
     tpr_at_fpr,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "clopper_pearson_interval",
     "normalized_risk",
     "normalized_risk_ci",
+    "ranking_metrics",
     "roc_curve",
     "tpr_at_fpr",
     "two_sample_test",

@@ -647,3 +647,19 @@ def binary_rates(labels: ArrayLike, predictions: ArrayLike) -> dict[str, Any]:
         logger.debug("binary rates degraded: %s", out["reason"])
 
     return out
+
+
+def ranking_metrics(
+    labels: ArrayLike, scores: ArrayLike, *, n_boot: int = 1000, seed: int = 0, min_per_class: int = 2
+) -> dict[str, Any]:
+    """AUROC and AUPRC of scores (probabilities or shares, never hard labels) with their bootstrap intervals
+    and the prevalence that AUPRC is read against: the block T2 and T3 report for every group."""
+    auc = auc_summary(labels, scores, n_boot=n_boot, seed=seed, min_per_class=min_per_class)
+    ap = auprc_summary(labels, scores, n_boot=n_boot, seed=seed, min_per_class=min_per_class)
+    return {
+        "auroc": auc["auc"],
+        "auroc_ci95": auc["auc_ci95"],
+        "auprc": ap["auprc"],
+        "auprc_ci95": ap["auprc_ci95"],
+        "prevalence": ap["prevalence"],
+    }
